@@ -1,0 +1,111 @@
+"""Tokenized, fixed-length chunks of a corpus, cached on disk.
+
+Documents are tokenized one by one, joined with a blank line's tokens into one stream, and cut
+into chunks of ``context_length`` tokens, each starting with the tokenizer's BOS token when it has
+one. Every chunk is full, so no padding or attention mask is ever needed. The cache file is keyed by
+the corpus content, the tokenizer and the context length, and carries a checksum of its data.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save
+from tqdm.auto import tqdm
+
+from tokenprobe.corpus import Corpus
+from tokenprobe.errors import TokenprobeError
+from tokenprobe.files import atomic_write_bytes
+
+SEPARATOR = "\n\n"
+CACHE_VERSION = "1"
+
+
+def chunk_cache_path(cache_dir: Path, corpus: Corpus, tokenizer_hash: str, context_length: int) -> Path:
+    key = hashlib.sha256(f"{CACHE_VERSION}|{corpus.sha256}|{tokenizer_hash}|{context_length}".encode()).hexdigest()
+    return cache_dir / "chunks" / f"{key[:24]}.safetensors"
+
+
+def _checksum(array: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()
+
+
+def _load_cached(path: Path) -> np.ndarray | None:
+    """The cached chunks, or None if absent, unreadable, or failing their checksum."""
+    if not path.exists():
+        return None
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        chunks = load_file(str(path))["chunks"].numpy()
+    except (SafetensorError, OSError, KeyError, ValueError, RuntimeError):
+        return None
+    if meta.get("sha256") != _checksum(chunks):
+        return None
+    return chunks
+
+
+def tokenize_stream(documents: list[str], tokenizer, progress: bool = True) -> np.ndarray:
+    """All documents as one token stream, separated by the tokens of a blank line."""
+    separator = tokenizer(SEPARATOR, add_special_tokens=False)["input_ids"]
+    pieces: list[np.ndarray] = []
+    batch = 256
+    with tqdm(total=len(documents), desc="Tokenizing", unit="doc", disable=not progress, dynamic_ncols=True) as bar:
+        total_tokens = 0
+        for start in range(0, len(documents), batch):
+            encoded = tokenizer(documents[start : start + batch], add_special_tokens=False)["input_ids"]
+            for ids in encoded:
+                pieces.append(np.asarray(ids, dtype=np.int64))
+                pieces.append(np.asarray(separator, dtype=np.int64))
+                total_tokens += len(ids) + len(separator)
+            bar.update(len(encoded))
+            bar.set_postfix_str(f"{total_tokens / max(bar.format_dict['elapsed'], 1e-9):,.0f} tok/s")
+    return np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int64)
+
+
+def make_chunks(stream: np.ndarray, context_length: int, bos_id: int | None) -> np.ndarray:
+    body = context_length - (1 if bos_id is not None else 0)
+    n = len(stream) // body
+    chunks = stream[: n * body].reshape(n, body)
+    if bos_id is not None:
+        chunks = np.concatenate([np.full((n, 1), bos_id, dtype=stream.dtype), chunks], axis=1)
+    return chunks
+
+
+def load_chunks(
+    corpus: Corpus,
+    tokenizer,
+    tokenizer_hash: str,
+    context_length: int,
+    cache_dir: Path,
+    progress: bool = True,
+) -> tuple[np.ndarray, bool]:
+    """Chunks of shape (n, context_length) as int64, and whether they came from the cache."""
+    path = chunk_cache_path(cache_dir, corpus, tokenizer_hash, context_length)
+    cached = _load_cached(path)
+    if cached is not None:
+        return cached.astype(np.int64), True
+    bos_id = tokenizer.bos_token_id
+    chunks = make_chunks(tokenize_stream(corpus.documents, tokenizer, progress), context_length, bos_id)
+    if len(chunks) == 0:
+        raise TokenprobeError(
+            f"corpus {corpus.name} has fewer tokens than one chunk of {context_length}; "
+            "use a larger corpus or a smaller --context-length"
+        )
+    store = chunks.astype(np.int32) if chunks.max() < 2**31 else chunks
+    metadata = {
+        "sha256": _checksum(store),
+        "corpus_sha256": corpus.sha256,
+        "tokenizer_sha256": tokenizer_hash,
+        "context_length": str(context_length),
+        "info": json.dumps({"corpus": corpus.name, "documents": len(corpus.documents)}),
+    }
+    atomic_write_bytes(path, save({"chunks": torch.from_numpy(np.ascontiguousarray(store))}, metadata=metadata))
+    return chunks, False

@@ -1,0 +1,227 @@
+"""The one typed description of a run.
+
+`RunConfig` is the CLI's schema (``tokenprobe train --help`` is generated from it), the record saved in
+``run.json``, and part of the metadata inside every probe file. Values resolved at run time (the
+layer list, the dtype actually used, hashes of the model, tokenizer and corpus) live beside it in
+the run record built by :mod:`tokenprobe.train`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from typing import Any, get_args, get_origin
+
+from tokenprobe.errors import TokenprobeError
+
+DEFAULT_MODEL = "gemma-3-270m"
+DEFAULT_CORPUS = "wiki-summaries"
+TASKS = ("next", "current")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+DEVICES = ("auto", "cpu", "cuda")
+BALANCE_MODES = ("positions", "none")
+
+
+def _opt(help: str, choices: tuple[str, ...] | None = None, **kwargs: Any) -> dict[str, Any]:
+    return {"help": help, "choices": choices, **kwargs}
+
+
+@dataclass
+class RunConfig:
+    """Everything that decides what a `tokenprobe train` run computes."""
+
+    model: str = field(
+        default=DEFAULT_MODEL,
+        metadata=_opt(
+            f"'{DEFAULT_MODEL}' (Gemma 3 270M from the bundled GGUF package), a Hugging Face hub id, "
+            "a local model directory, or a .gguf file"
+        ),
+    )
+    corpus: str = field(
+        default=DEFAULT_CORPUS,
+        metadata=_opt(
+            f"'{DEFAULT_CORPUS}' (10,033 bundled Wikipedia lead summaries), a .txt/.jsonl/.json/.parquet "
+            "file or a folder of them, a saved `datasets` folder, or a Hugging Face dataset name"
+        ),
+    )
+    text_field: str = field(
+        default="text", metadata=_opt("field holding the text in .jsonl/.json/.parquet/dataset corpora")
+    )
+    corpus_config: str | None = field(default=None, metadata=_opt("Hugging Face dataset config name"))
+    corpus_split: str = field(default="train", metadata=_opt("Hugging Face dataset split"))
+    max_tokens: int | None = field(
+        default=None, metadata=_opt("use at most this many corpus tokens (a seeded random subset of chunks)")
+    )
+    task: str = field(
+        default="next",
+        metadata=_opt("next: is the NEXT token the target? current: is THIS token the target?", TASKS),
+    )
+    target: str = field(default=" the", metadata=_opt("target token as an exact string (leading space matters)"))
+    target_id: int | None = field(
+        default=None, metadata=_opt("target token id; overrides --target (use when a string splits in several)")
+    )
+    layers: str = field(
+        default="auto",
+        metadata=_opt(
+            "auto (0, quartiles, middle, last), all, or a list like 0,5,17. Layer 0 is the embedding "
+            "output, layer L the residual stream after decoder block L"
+        ),
+    )
+    context_length: int = field(default=256, metadata=_opt("tokens per chunk, BOS included"))
+    dtype: str = field(
+        default="auto",
+        metadata=_opt(
+            "model dtype; auto is bfloat16 on CUDA and on CPUs with native bfloat16, else float32. "
+            "float16 overflows on Gemma 3. Probes always train in float32",
+            DTYPES,
+        ),
+    )
+    device: str = field(default="auto", metadata=_opt("where the model runs", DEVICES))
+    batch_size: int = field(default=16, metadata=_opt("chunks per forward pass"))
+    seed: int = field(default=0, metadata=_opt("seed for chunk order, the split and position sampling"))
+    train_positions: int = field(
+        default=20_000, metadata=_opt("training positions to sample (half of them positive when balanced)")
+    )
+    eval_positions: int = field(
+        default=6_000,
+        metadata=_opt("held-out positions for each evaluation set (balanced and natural class ratio)"),
+    )
+    eval_fraction: float = field(default=0.2, metadata=_opt("fraction of chunks held out for evaluation"))
+    balance: str = field(
+        default="positions",
+        metadata=_opt(
+            "positions: 50/50 positive/negative training positions; none: natural ratio, trained "
+            "with a capped square-root pos_weight",
+            BALANCE_MODES,
+        ),
+    )
+    pos_weight_cap: float = field(default=5.0, metadata=_opt("cap on pos_weight = sqrt(negatives/positives)"))
+    l2: float = field(default=1e-3, metadata=_opt("L2 penalty on the probe weights (standardised inputs)"))
+    max_iter: int = field(default=300, metadata=_opt("L-BFGS iterations for probe training"))
+
+    def validate(self) -> None:
+        """Checks that need no model; a TokenprobeError names the bad value and the fix."""
+        if self.task not in TASKS:
+            raise TokenprobeError(f"--task must be one of {', '.join(TASKS)}, got {self.task!r}")
+        if self.dtype not in DTYPES:
+            raise TokenprobeError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.device not in DEVICES:
+            raise TokenprobeError(f"--device must be one of {', '.join(DEVICES)}, got {self.device!r}")
+        if self.balance not in BALANCE_MODES:
+            raise TokenprobeError(f"--balance must be one of {', '.join(BALANCE_MODES)}, got {self.balance!r}")
+        for name in ("batch_size", "context_length", "train_positions", "eval_positions", "max_iter"):
+            if getattr(self, name) < 1:
+                raise TokenprobeError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.context_length < 3:
+            raise TokenprobeError(f"--context-length must be at least 3, got {self.context_length}")
+        if self.max_tokens is not None and self.max_tokens < self.context_length:
+            raise TokenprobeError(
+                f"--max-tokens {self.max_tokens} is less than one chunk (--context-length {self.context_length})"
+            )
+        if not 0.0 < self.eval_fraction < 1.0:
+            raise TokenprobeError(f"--eval-fraction must be between 0 and 1, got {self.eval_fraction}")
+        if self.pos_weight_cap < 1.0:
+            raise TokenprobeError(f"--pos-weight-cap must be at least 1, got {self.pos_weight_cap}")
+        if self.target_id is None and self.target == "":
+            raise TokenprobeError("--target is empty: give the exact token string, e.g. --target ' the'")
+        parse_layers(self.layers, num_layers=None)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RunConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+
+# --------------------------------------------------------------------------------------------- layers
+
+
+def parse_layers(spec: str, num_layers: int | None) -> list[int]:
+    """Resolves ``auto``/``all``/``0,5,17`` against a model with `num_layers` decoder blocks.
+
+    With ``num_layers=None`` only the syntax is checked (and an empty list returned).
+    Layer 0 is the embedding output; layer ``num_layers`` is the output of the last block.
+    """
+    spec = spec.strip().lower()
+    if spec in ("auto", "all"):
+        if num_layers is None:
+            return []
+        if spec == "all":
+            return list(range(num_layers + 1))
+        n = num_layers
+        return sorted({0, round(n / 4), round(n / 2), round(3 * n / 4), n})
+    if not re.fullmatch(r"\d+(\s*,\s*\d+)*", spec):
+        raise TokenprobeError(
+            f"--layers {spec!r} is malformed: use auto, all, or comma-separated layer numbers like 0,5,17"
+        )
+    layers = sorted({int(x) for x in spec.split(",")})
+    if num_layers is not None:
+        bad = [layer for layer in layers if layer > num_layers]
+        if bad:
+            raise TokenprobeError(
+                f"--layers {','.join(map(str, bad))} out of range: this model has layers 0 to {num_layers} "
+                f"(0 is the embedding output, {num_layers} the last block)"
+            )
+    return layers
+
+
+# ------------------------------------------------------------------------------------------ run names
+
+
+def slug(text: str) -> str:
+    text = text.rstrip("/").split("/")[-1]
+    text = re.sub(r"\.gguf$", "", text)
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-").lower() or "model"
+
+
+def data_label(config: RunConfig) -> str:
+    """'all' when the whole corpus is eligible, else the token cap, e.g. '200k'."""
+    if config.max_tokens is None:
+        return "all"
+    if config.max_tokens >= 1000:
+        return f"{config.max_tokens // 1000}k"
+    return str(config.max_tokens)
+
+
+def run_name(config: RunConfig, layer: int, model_name: str) -> str:
+    """The seed's pattern: ``probe-layer5-ctx256-all-next-gemma-3-270m``."""
+    return f"probe-layer{layer}-ctx{config.context_length}-{data_label(config)}-{config.task}-{slug(model_name)}"
+
+
+def sweep_name(config: RunConfig, model_name: str) -> str:
+    """The group name shared by the per-layer runs of one sweep."""
+    return f"sweep-ctx{config.context_length}-{data_label(config)}-{config.task}-{slug(model_name)}"
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+
+
+def _base_type(tp: Any) -> type:
+    """`int | None` -> int; the dataclass annotations are strings under `from __future__`."""
+    if isinstance(tp, str):
+        tp = {"str": str, "int": int, "float": float, "bool": bool}.get(tp.split("|")[0].strip(), str)
+    if get_origin(tp) is not None:
+        tp = next(a for a in get_args(tp) if a is not type(None))
+    return tp
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """Adds one ``--flag`` per RunConfig field, with the field's default and help."""
+    for f in dataclasses.fields(RunConfig):
+        meta = f.metadata
+        parser.add_argument(
+            "--" + f.name.replace("_", "-"),
+            dest=f.name,
+            type=_base_type(f.type),
+            default=f.default,
+            choices=meta.get("choices"),
+            help=f"{meta.get('help', '')} (default: {f.default!r})",
+        )
+
+
+def config_from_args(args: argparse.Namespace) -> RunConfig:
+    return RunConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(RunConfig)})

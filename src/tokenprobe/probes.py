@@ -1,0 +1,176 @@
+"""Linear probes: fitted together for all layers in float32, saved as safetensors with metadata.
+
+A probe carries its own input standardisation (mean and scale of its training activations), so
+``predict_proba`` takes raw hidden states. Its file holds the weights as tensors and, in the
+safetensors header, a JSON document with everything needed to use it again: the layer, task,
+target, model and tokenizer hashes, context length, dtype, the run's full config and the metrics.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save
+from tqdm.auto import tqdm
+
+from tokenprobe.errors import TokenprobeError
+from tokenprobe.files import atomic_write_bytes, dumps_json
+
+FORMAT = "tokenprobe.linear-probe"
+FORMAT_VERSION = 1
+METADATA_KEY = "tokenprobe"
+
+
+@dataclass
+class LinearProbe:
+    weight: torch.Tensor  # (hidden,)
+    bias: torch.Tensor  # ()
+    mean: torch.Tensor  # (hidden,)
+    scale: torch.Tensor  # (hidden,) = 1 / std
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def layer(self) -> int | None:
+        return self.metadata.get("layer")
+
+    def decision_function(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits for hidden states of shape (..., hidden)."""
+        x = hidden.to(torch.float32)
+        return ((x - self.mean.to(x.device)) * self.scale.to(x.device)) @ self.weight.to(x.device) + self.bias.to(x.device)
+
+    def predict_proba(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Probability that the label is positive, float32, shape (...)."""
+        return torch.sigmoid(self.decision_function(hidden))
+
+    def predict(self, hidden: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
+        return self.predict_proba(hidden) >= threshold
+
+    def save(self, path: Path) -> None:
+        tensors = {k: getattr(self, k).detach().to("cpu", torch.float32).contiguous()
+                   for k in ("weight", "bias", "mean", "scale")}
+        header = {"format": FORMAT, "format_version": FORMAT_VERSION, **self.metadata}
+        atomic_write_bytes(Path(path), save(tensors, metadata={METADATA_KEY: dumps_json(header)}))
+
+    def check_compatible(self, loaded) -> None:
+        """Refuses a model or tokenizer other than the one this probe was trained on."""
+        meta = self.metadata
+        if meta.get("tokenizer_hash") and meta["tokenizer_hash"] != loaded.tokenizer_hash:
+            raise TokenprobeError(
+                f"probe was trained with another tokenizer than {loaded.source!r}'s "
+                f"(probe model: {meta.get('model')}); use the model named in the probe file"
+            )
+        if meta.get("weights_hash") and meta["weights_hash"] != loaded.weights_hash:
+            raise TokenprobeError(
+                f"probe was trained on model {meta.get('model')} (weights {meta['weights_hash'][:12]}), not on "
+                f"{loaded.source!r} (weights {loaded.weights_hash[:12]}); use the model named in the probe file"
+            )
+        if meta.get("hidden_size") and meta["hidden_size"] != loaded.hidden_size:
+            raise TokenprobeError(
+                f"probe expects hidden size {meta['hidden_size']}, model {loaded.source!r} has {loaded.hidden_size}"
+            )
+
+
+def read_probe_metadata(path: Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise TokenprobeError(f"probe file not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            raw = (f.metadata() or {}).get(METADATA_KEY)
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise TokenprobeError(f"{path} is not a readable probe file (corrupt, or not safetensors): {exc}") from exc
+    if raw is None:
+        raise TokenprobeError(f"{path} is a safetensors file but not a tokenprobe probe (no '{METADATA_KEY}' metadata)")
+    try:
+        meta = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise TokenprobeError(f"{path} has corrupt probe metadata: {exc.msg}") from exc
+    if meta.get("format") != FORMAT:
+        raise TokenprobeError(f"{path} is not a tokenprobe linear probe (format {meta.get('format')!r})")
+    if meta.get("format_version", 0) > FORMAT_VERSION:
+        raise TokenprobeError(
+            f"{path} was written by a newer tokenprobe ({meta.get('tokenprobe_version')}, probe format "
+            f"{meta['format_version']}); upgrade tokenprobe to read it"
+        )
+    return meta
+
+
+def load_probe(path: Path) -> LinearProbe:
+    """Loads a probe file (safetensors: no code runs on load) with its metadata."""
+    meta = read_probe_metadata(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            tensors = {k: f.get_tensor(k) for k in ("weight", "bias", "mean", "scale")}
+    except (SafetensorError, OSError, ValueError, KeyError) as exc:
+        raise TokenprobeError(f"{path} is a corrupt probe file: {exc}") from exc
+    return LinearProbe(**tensors, metadata=meta)
+
+
+# ------------------------------------------------------------------------------------------ training
+
+
+def pos_weight_for(labels: torch.Tensor, cap: float) -> float:
+    """The seed's dampened reweighting: sqrt(negatives / positives), capped. 1.0 when balanced."""
+    positives = float(labels.sum())
+    negatives = float(len(labels)) - positives
+    if positives == 0 or negatives == 0:
+        return 1.0
+    return float(min(cap, max(1.0, math.sqrt(negatives / positives))))
+
+
+def fit_linear_probes(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    l2: float = 1e-3,
+    pos_weight: float = 1.0,
+    max_iter: int = 300,
+    device: torch.device | str = "cpu",
+    progress: bool = True,
+) -> list[LinearProbe]:
+    """Logistic regression on every layer at once: `x` is (layers, n, hidden), `y` is (n,).
+
+    The layers' problems are independent, so their summed loss is minimised jointly with L-BFGS,
+    in float32, on standardised inputs with an L2 penalty on the weights.
+    """
+    device = torch.device(device)
+    x = x.to(device=device, dtype=torch.float32)
+    y = y.to(device=device, dtype=torch.float32)
+    n_layers, n, hidden = x.shape
+    mean = x.mean(dim=1)
+    std = x.std(dim=1)
+    scale = torch.where(std > 1e-6, 1.0 / std.clamp_min(1e-6), torch.zeros_like(std))
+    z = (x - mean[:, None, :]) * scale[:, None, :]
+    weight = torch.zeros(n_layers, hidden, device=device, requires_grad=True)
+    bias = torch.zeros(n_layers, device=device, requires_grad=True)
+    sample_weight = torch.where(y > 0.5, pos_weight, 1.0)
+    norm = sample_weight.sum()
+    optimizer = torch.optim.LBFGS([weight, bias], lr=1.0, max_iter=max_iter, history_size=20,
+                                  tolerance_grad=1e-6, tolerance_change=1e-9, line_search_fn="strong_wolfe")
+    bar = tqdm(total=optimizer.defaults["max_eval"], desc=f"Training {n_layers} probe(s)", unit="it", disable=not progress,
+               dynamic_ncols=True, mininterval=0.5)
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        logits = torch.einsum("lnd,ld->ln", z, weight) + bias[:, None]
+        losses = torch.nn.functional.binary_cross_entropy_with_logits(
+            logits, y.expand_as(logits), weight=sample_weight.expand_as(logits), reduction="none"
+        )
+        loss = losses.sum() / norm + 0.5 * l2 * (weight**2).sum()
+        loss.backward()
+        bar.update(1)
+        bar.set_postfix_str(f"loss/layer {loss.item() / n_layers:.4f}")
+        return loss
+
+    with torch.enable_grad(), bar:
+        optimizer.step(closure)
+    return [
+        LinearProbe(weight=weight[i].detach().cpu(), bias=bias[i].detach().cpu(), mean=mean[i].cpu(),
+                    scale=scale[i].cpu())
+        for i in range(n_layers)
+    ]
