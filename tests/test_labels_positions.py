@@ -1,0 +1,100 @@
+"""Labels for both tasks, target resolution, and the balanced, chunk-split sampling of positions."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tokenprobe.errors import TokenprobeError
+from tokenprobe.labels import resolve_target, task_labels
+from tokenprobe.positions import sample_positions, split_chunks
+
+T = 7  # target id in these hand-made chunks
+
+
+def test_next_task_labels_look_one_ahead():
+    chunks = np.array([[2, 5, T, 6, T, 9]])
+    labels, valid = task_labels(chunks, T, "next", has_bos=True)
+    assert labels.tolist() == [[False, True, False, True, False, False]]
+    assert valid.tolist() == [[False, True, True, True, True, False]]  # BOS and the last position unused
+
+
+def test_current_task_labels_are_the_token_itself():
+    chunks = np.array([[2, 5, T, 6, T, 9]])
+    labels, valid = task_labels(chunks, T, "current", has_bos=True)
+    assert labels.tolist() == [[False, False, True, False, True, False]]
+    assert valid.tolist() == [[False, True, True, True, True, True]]
+    _, valid = task_labels(chunks, T, "current", has_bos=False)
+    assert valid.all()
+
+
+def test_resolve_target(tiny_model_dirs):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dirs["llama"])
+    target = resolve_target(tok, " the")
+    assert tok.decode([target.token_id]) == " the"
+    with pytest.raises(TokenprobeError, match=r"is \d+ tokens .*--target-id"):
+        resolve_target(tok, " antidisestablishment")
+    assert resolve_target(tok, "ignored", token_id=target.token_id).text == " the"
+    with pytest.raises(TokenprobeError, match="empty"):
+        resolve_target(tok, "")
+    with pytest.raises(TokenprobeError, match="out of range"):
+        resolve_target(tok, "", token_id=10**6)
+
+
+def _random_chunks(n=200, length=64, rate=0.08, seed=0):
+    rng = np.random.default_rng(seed)
+    chunks = rng.integers(10, 100, size=(n, length))
+    chunks[rng.random((n, length)) < rate] = T
+    chunks[:, 0] = 2
+    return chunks
+
+
+def test_split_is_by_chunk_and_deterministic():
+    a = split_chunks(100, 0.2, seed=3)
+    b = split_chunks(100, 0.2, seed=3)
+    assert np.array_equal(a.train, b.train) and np.array_equal(a.eval, b.eval)
+    assert len(a.eval) == 20 and not set(a.train) & set(a.eval)
+    assert sorted(np.concatenate([a.train, a.eval])) == list(range(100))
+    capped = split_chunks(100, 0.2, seed=3, max_chunks=10)
+    assert len(capped.train) + len(capped.eval) == 10
+
+
+def test_balanced_training_and_natural_eval():
+    chunks = _random_chunks()
+    labels, valid = task_labels(chunks, T, "next", has_bos=True)
+    split = split_chunks(len(chunks), 0.25, seed=0)
+    ps = sample_positions(labels, valid, split, train_positions=400, eval_positions=300, balance="positions", seed=0)
+    train, ev, nat = ps.mask("train"), ps.mask("eval"), ps.mask("eval_natural")
+    assert ps.label[train].sum() == (~ps.label[train]).sum() >= 200  # exactly 50/50
+    assert ps.label[ev].sum() == (~ps.label[ev]).sum() >= 150
+    # No chunk is on both sides of the split.
+    assert not set(ps.chunk[train]) & (set(ps.chunk[ev]) | set(ps.chunk[nat]))
+    assert set(ps.chunk[train]) <= set(split.train) and set(ps.chunk[ev]) <= set(split.eval)
+    # The natural set keeps the corpus's class ratio (about 8% here), far from 50%.
+    rate = ps.label[nat].mean()
+    assert 0.03 < rate < 0.15
+    # Every sampled position is valid and carries its true label.
+    assert valid[ps.chunk, ps.position].all()
+    assert np.array_equal(labels[ps.chunk, ps.position], ps.label)
+    # Only as many chunks as needed are used (far fewer than all 150 training chunks).
+    assert len(set(ps.chunk[train])) < len(split.train)
+
+
+def test_unbalanced_training_keeps_natural_ratio():
+    chunks = _random_chunks()
+    labels, valid = task_labels(chunks, T, "next", has_bos=True)
+    ps = sample_positions(labels, valid, split_chunks(len(chunks), 0.25, 0), 400, 300, "none", 0)
+    assert ps.label[ps.mask("train")].mean() < 0.2
+
+
+def test_target_absent_or_too_rare_is_an_error():
+    chunks = _random_chunks(rate=0.0)
+    labels, valid = task_labels(chunks, T, "next", has_bos=True)
+    with pytest.raises(TokenprobeError, match="never occurs"):
+        sample_positions(labels, valid, split_chunks(len(chunks), 0.25, 0), 100, 100, "positions", 0)
+    chunks[5, 10] = T
+    labels, valid = task_labels(chunks, T, "next", has_bos=True)
+    with pytest.raises(TokenprobeError, match="too rare"):
+        sample_positions(labels, valid, split_chunks(len(chunks), 0.25, 0), 100, 100, "positions", 0)
