@@ -43,7 +43,8 @@ def test_cli_train_writes_a_complete_run(tiny_model_dirs, corpus_file, tmp_path,
                   "--dtype", "float32", "--out", out, "--quiet", cache=session_cache)
     assert result.returncode == 0, result.stderr
     assert "bal.acc" in result.stdout and "best layer" in result.stdout
-    assert sorted(p.name for p in out.iterdir()) == ["probes", "results.csv", "results.json", "run.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["plot.png", "probes", "report.md", "results.csv", "results.json",
+                                                     "run.json"]
     results = json.loads((out / "results.json").read_text())
     layers = results["layers"]
     assert [r["layer"] for r in layers] == [0, 1, 2, 3]
@@ -57,7 +58,8 @@ def test_cli_train_writes_a_complete_run(tiny_model_dirs, corpus_file, tmp_path,
     assert record["target"]["text"] == " the" and record["dtype"] == "float32"
     assert record["positions"]["train"]["positive"] * 2 == record["positions"]["train"]["positions"]
     csv_lines = (out / "results.csv").read_text().splitlines()
-    assert csv_lines[0].startswith("layer,set,n,") and len(csv_lines) == 1 + 4 * 3
+    # 4 layers x 3 sets for the probes, 4 x 2 for the logit lens, 3 baselines x 2 held-out sets.
+    assert csv_lines[0].startswith("layer,set,scorer,n,") and len(csv_lines) == 1 + 4 * 3 + 4 * 2 + 3 * 2
 
     probe_file = out / "probes" / "layer02.safetensors"
     meta = load_probe(probe_file).metadata

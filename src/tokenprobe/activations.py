@@ -11,6 +11,7 @@ except for the last layer, which transformers reports after the final norm and w
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass, field
 
@@ -21,6 +22,7 @@ from tqdm.auto import tqdm
 from tokenprobe.errors import TokenprobeError
 from tokenprobe.models import LoadedModel
 from tokenprobe.positions import PositionSet
+from tokenprobe.resume import ExtractionCheckpoint
 
 
 class _StopForward(Exception):
@@ -35,6 +37,8 @@ class Activations:
     batches: int = 0
     bad_batches: int = 0
     bad_layers: dict[int, int] = field(default_factory=dict)  # layer -> batches with NaN/Inf there
+    resumed_batches: int = 0  # loaded from an interrupted run's checkpoint instead of recomputed
+    batch_size: int = 0  # the batch size used (smaller than asked for after an out-of-memory retry)
     tokens: int = 0
     seconds: float = 0.0
 
@@ -103,6 +107,14 @@ def dtype_advice(dtype: torch.dtype) -> str:
     return "check the model's weights: they give NaN/Inf even in float32"
 
 
+def is_out_of_memory(exc: BaseException) -> bool:
+    """CUDA and CPU allocation failures, whatever type torch gives them."""
+    if isinstance(exc, (getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError), MemoryError)):
+        return True
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
+
+
 def extract(
     loaded: LoadedModel,
     chunks: np.ndarray,
@@ -110,8 +122,14 @@ def extract(
     layers: list[int],
     batch_size: int,
     progress: bool = True,
+    checkpoint: ExtractionCheckpoint | None = None,
 ) -> Activations:
-    """Runs every chunk that holds a sampled position once and keeps those positions at `layers`."""
+    """Runs every chunk that holds a sampled position once and keeps those positions at `layers`.
+
+    With a `checkpoint`, each finished batch is saved as it completes and batches an interrupted run
+    already finished are loaded instead of recomputed. Out of memory on the first batch this call
+    computes halves the batch size and retries (and says so); later, it is an error naming the size.
+    """
     wanted = np.unique(positions.chunk)
     order = np.argsort(positions.chunk, kind="stable")
     starts = np.searchsorted(positions.chunk[order], wanted)
@@ -126,16 +144,48 @@ def extract(
     bar = tqdm(total=len(wanted) * context_length, desc="Forward pass", unit="tok", unit_scale=True,
                disable=not progress, dynamic_ncols=True)
     started = time.perf_counter()
+    computed = 0
+    b = 0
     with LayerCapture(loaded, layers) as capture, torch.inference_mode(), bar:
-        for b in range(0, len(wanted), batch_size):
+        while b < len(wanted):
             batch_chunks = wanted[b : b + batch_size]
             index = np.concatenate([order[starts[b + i] : ends[b + i]] for i in range(len(batch_chunks))])
             rows = np.repeat(np.arange(len(batch_chunks)), ends[b : b + len(batch_chunks)] - starts[b : b + len(batch_chunks)])
             input_ids = torch.from_numpy(chunks[batch_chunks]).to(device)
-            captured, nonfinite = capture.run(
-                loaded.model, input_ids,
-                torch.from_numpy(rows).to(device), torch.from_numpy(positions.position[index]).to(device),
-            )
+            done = checkpoint.load(batch_size, b, index, result.layers) if checkpoint is not None else None
+            if done is not None:
+                captured, nonfinite = done
+                result.resumed_batches += 1
+            else:
+                try:
+                    captured, nonfinite = capture.run(
+                        loaded.model, input_ids,
+                        torch.from_numpy(rows).to(device), torch.from_numpy(positions.position[index]).to(device),
+                    )
+                except KeyboardInterrupt:
+                    if checkpoint is not None:
+                        print(f"\nInterrupted: {result.batches} finished batches are kept in {checkpoint.folder}; "
+                              "run the same command again to resume", file=sys.stderr, flush=True)
+                    raise
+                except Exception as exc:
+                    if not is_out_of_memory(exc):
+                        raise
+                    _release_memory(device)
+                    if computed == 0 and batch_size > 1:
+                        print(f"\nwarning: out of memory on the first batch at --batch-size {batch_size}; "
+                              f"retrying with --batch-size {batch_size // 2}", file=sys.stderr, flush=True)
+                        batch_size //= 2
+                        continue
+                    raise TokenprobeError(
+                        f"out of memory at --batch-size {batch_size} (batch {result.batches + 1}, "
+                        f"{len(batch_chunks)} chunks of {context_length} tokens on {device}); "
+                        + (f"use --batch-size {batch_size // 2} or a smaller --context-length" if batch_size > 1 else
+                           "even one chunk does not fit: use a smaller --context-length or --dtype bfloat16")
+                    ) from exc
+                computed += 1
+                if checkpoint is not None:
+                    checkpoint.save(batch_size, b, index, captured, nonfinite)
+            b += len(batch_chunks)
             result.batches += 1
             if nonfinite:
                 result.bad_batches += 1
@@ -152,6 +202,7 @@ def extract(
             if result.bad_batches:
                 bar.set_postfix_str(f"{result.bad_batches} bad batches skipped")
     result.seconds = time.perf_counter() - started
+    result.batch_size = batch_size
     if result.bad_batches * 2 > result.batches:
         first_bad = min(result.bad_layers)
         raise TokenprobeError(
@@ -159,3 +210,8 @@ def extract(
             f"(from layer {first_bad} on) in {str(loaded.dtype).replace('torch.', '')}: {dtype_advice(loaded.dtype)}"
         )
     return result
+
+
+def _release_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()

@@ -1,10 +1,11 @@
-"""The `tokenprobe` command line: `train` and `inspect`."""
+"""The `tokenprobe` command line: `train`, `inspect` and `viz`."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import signal
 import sys
 import traceback
 import warnings
@@ -54,6 +55,27 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_viz(args: argparse.Namespace) -> int:
+    from tokenprobe.viz import visualize
+
+    result = visualize(args.probes, text=args.text, file=args.file, corpus_sample=args.corpus_sample, out=args.out,
+                       device=args.device, cache_dir=args.cache_dir, progress=not args.quiet)
+    print(result.path)
+    if args.open:
+        import webbrowser
+
+        webbrowser.open(result.path.resolve().as_uri())
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from tokenprobe.report import build_report
+
+    report, plot = build_report(args.run_dirs, args.out)
+    print(f"report written to {report}\nplot written to {plot}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from tokenprobe import __version__
 
@@ -80,6 +102,35 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("probe", nargs="+", help="probe file(s) (.safetensors)")
     inspect.add_argument("--json", action="store_true", help="print the full metadata as JSON")
     inspect.set_defaults(func=_cmd_inspect)
+
+    report = sub.add_parser("report", help="rebuild report.md and plot.png from run folder(s)",
+                            description="Rebuilds the sweep report (report.md) and plot (plot.png) from the "
+                                        "results.json of one run folder, or draws several runs in one plot.")
+    report.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR", help="run folder(s) from `tokenprobe train`")
+    report.add_argument("--out", type=Path, default=None,
+                        help="folder for report.md and plot.png (default: the run folder for one run, "
+                             "./tokenprobe-report for several)")
+    report.set_defaults(func=_cmd_report)
+
+    viz = sub.add_parser("viz", help="write an interactive HTML page: every layer's probe on every token of a text",
+                         description="Runs the model named in the probe files once over a text and writes one "
+                                     "self-contained HTML page with every probe's probability for every token.")
+    viz.add_argument("probes", nargs="+", metavar="RUN_DIR_OR_PROBE_FILE",
+                     help="a run folder from `tokenprobe train` and/or probe files (.safetensors) of one run")
+    source = viz.add_mutually_exclusive_group(required=True)
+    source.add_argument("--text", help="the text to show")
+    source.add_argument("--file", type=Path, help="a UTF-8 text file to show")
+    source.add_argument("--corpus-sample", type=int, metavar="N",
+                        help="show N held-out chunks of the run's own corpus")
+    viz.add_argument("--out", type=Path, default=None,
+                     help="the page to write (default: viz.html in the run folder, else ./tokenprobe-viz.html)")
+    viz.add_argument("--open", action="store_true", help="open the page in the default browser")
+    viz.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where the model runs")
+    viz.add_argument("--cache-dir", type=Path, default=None,
+                     help="cache for converted models and tokenized chunks (default: $TOKENPROBE_CACHE or "
+                          "~/.cache/tokenprobe)")
+    viz.add_argument("--quiet", action="store_true", help="no status lines")
+    viz.set_defaults(func=_cmd_viz)
     return parser
 
 
@@ -96,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         from transformers.utils import logging as hf_logging
 
         hf_logging.set_verbosity_error()
+    _interrupt_on_sigterm()
     try:
         return args.func(args)
     except TokenprobeError as exc:
@@ -104,8 +156,28 @@ def main(argv: list[str] | None = None) -> int:
         print(f"tokenprobe: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        if args.debug:
+            traceback.print_exc()
         print("tokenprobe: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # a bug or an unforeseen failure: still one line unless --debug
+        if args.debug:
+            raise
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        print(f"tokenprobe: error: unexpected {type(exc).__name__}{': ' + first if first else ''} "
+              "(rerun with --debug for the traceback, and please report it)", file=sys.stderr)
+        return 1
+
+
+def _interrupt_on_sigterm() -> None:
+    """`kill` then cleans up like Ctrl-C: staging folders removed, finished batches kept."""
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    try:
+        signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread (main() called from a library)
+        pass
 
 
 if __name__ == "__main__":

@@ -24,6 +24,13 @@ DEVICES = ("auto", "cpu", "cuda")
 BALANCE_MODES = ("positions", "none")
 
 
+def _positive_int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number or auto, got {text!r}") from None
+
+
 def _opt(help: str, choices: tuple[str, ...] | None = None, **kwargs: Any) -> dict[str, Any]:
     return {"help": help, "choices": choices, **kwargs}
 
@@ -79,7 +86,14 @@ class RunConfig:
         ),
     )
     device: str = field(default="auto", metadata=_opt("where the model runs", DEVICES))
-    batch_size: int = field(default=16, metadata=_opt("chunks per forward pass"))
+    batch_size: int | str = field(
+        default=16,
+        metadata=_opt(
+            "chunks per forward pass, or auto: the largest that fits in free CUDA memory, on the CPU the "
+            "fastest in a short throughput probe (the run says what it picked)",
+            type=lambda v: v if v == "auto" else _positive_int(v),
+        ),
+    )
     seed: int = field(default=0, metadata=_opt("seed for chunk order, the split and position sampling"))
     train_positions: int = field(
         default=20_000, metadata=_opt("training positions to sample (half of them positive when balanced)")
@@ -100,6 +114,21 @@ class RunConfig:
     pos_weight_cap: float = field(default=5.0, metadata=_opt("cap on pos_weight = sqrt(negatives/positives)"))
     l2: float = field(default=1e-3, metadata=_opt("L2 penalty on the probe weights (standardised inputs)"))
     max_iter: int = field(default=300, metadata=_opt("L-BFGS iterations for probe training"))
+    baselines: bool = field(
+        default=True,
+        metadata=_opt(
+            "compare every probe with the model's own prediction, the logit lens and token statistics on the "
+            "same held-out positions (--no-baselines skips them and the extra last layer they need)"
+        ),
+    )
+    bootstrap: int = field(
+        default=1000, metadata=_opt("bootstrap resamples of held-out chunks for the 95%% intervals (0: none)")
+    )
+    wandb: bool = field(
+        default=False,
+        metadata=_opt("log each layer as a WandB run in one group per sweep (offline when no credentials)"),
+    )
+    wandb_project: str = field(default="tokenprobe", metadata=_opt("WandB project for --wandb"))
 
     def validate(self) -> None:
         """Checks that need no model; a TokenprobeError names the bad value and the fix."""
@@ -111,7 +140,9 @@ class RunConfig:
             raise TokenprobeError(f"--device must be one of {', '.join(DEVICES)}, got {self.device!r}")
         if self.balance not in BALANCE_MODES:
             raise TokenprobeError(f"--balance must be one of {', '.join(BALANCE_MODES)}, got {self.balance!r}")
-        for name in ("batch_size", "context_length", "train_positions", "eval_positions", "max_iter"):
+        if self.batch_size != "auto" and not (isinstance(self.batch_size, int) and self.batch_size >= 1):
+            raise TokenprobeError(f"--batch-size must be auto or at least 1, got {self.batch_size!r}")
+        for name in ("context_length", "train_positions", "eval_positions", "max_iter"):
             if getattr(self, name) < 1:
                 raise TokenprobeError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if self.context_length < 3:
@@ -122,6 +153,8 @@ class RunConfig:
             )
         if not 0.0 < self.eval_fraction < 1.0:
             raise TokenprobeError(f"--eval-fraction must be between 0 and 1, got {self.eval_fraction}")
+        if self.bootstrap != 0 and self.bootstrap < 100:
+            raise TokenprobeError(f"--bootstrap must be 0 (no intervals) or at least 100, got {self.bootstrap}")
         if self.pos_weight_cap < 1.0:
             raise TokenprobeError(f"--pos-weight-cap must be at least 1, got {self.pos_weight_cap}")
         if self.target_id is None and self.target == "":
@@ -213,10 +246,14 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     """Adds one ``--flag`` per RunConfig field, with the field's default and help."""
     for f in dataclasses.fields(RunConfig):
         meta = f.metadata
+        if _base_type(f.type) is bool:  # --wandb / --no-wandb
+            parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, action=argparse.BooleanOptionalAction,
+                                default=f.default, help=f"{meta.get('help', '')} (default: {f.default!r})")
+            continue
         parser.add_argument(
             "--" + f.name.replace("_", "-"),
             dest=f.name,
-            type=_base_type(f.type),
+            type=meta.get("type") or _base_type(f.type),
             default=f.default,
             choices=meta.get("choices"),
             help=f"{meta.get('help', '')} (default: {f.default!r})",

@@ -6,7 +6,6 @@ import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
-from sklearn.metrics import balanced_accuracy_score, confusion_matrix, roc_auc_score
 
 
 @dataclass(frozen=True)
@@ -30,6 +29,9 @@ class BinaryMetrics:
 
 
 def binary_metrics(labels: np.ndarray, probabilities: np.ndarray, threshold: float = 0.5) -> BinaryMetrics:
+    # imported here: sklearn costs ~1 s of startup, which need not come before the forward pass
+    from sklearn.metrics import balanced_accuracy_score, confusion_matrix, roc_auc_score
+
     labels = np.asarray(labels).astype(bool)
     probabilities = np.asarray(probabilities, dtype=np.float64)
     predicted = probabilities >= threshold

@@ -202,9 +202,21 @@ def _from_pretrained(source: str, dtype: torch.dtype):
             f"cannot load model {source!r}: not a local model directory, and not a reachable Hugging Face "
             f"hub id ({str(exc).splitlines()[0]})"
         ) from exc
-    except ValueError as exc:
-        raise TokenprobeError(f"{source!r} is not a causal language model transformers can load: {exc}") from exc
+    except (ValueError, KeyError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise TokenprobeError(f"{source!r} is not a causal language model transformers can load: {first}") from exc
     return model, tokenizer
+
+
+def _hub_revision(source: str, cache_dir: Path) -> str:
+    """A hub model's identity: the commit of the snapshot it was loaded from (its folder's name)."""
+    from transformers.utils.hub import cached_file, extract_commit_hash
+
+    config_path = cached_file(source, "config.json")
+    commit = extract_commit_hash(config_path, None) if config_path else None
+    if commit:
+        return f"hub:{source}@{commit}"
+    return weights_fingerprint(Path(config_path).parent, cache_dir) if config_path else "unknown"
 
 
 def load_model(
@@ -228,6 +240,11 @@ def load_model(
         model, tokenizer = _from_pretrained(str(ready), dtype)
         name = source if source == DEFAULT_MODEL else slug(gguf_path.name)
     elif Path(source).is_dir():
+        if not (Path(source) / "config.json").is_file():
+            raise TokenprobeError(
+                f"--model {source!r} is a folder without config.json, so not a saved transformers model; pass a "
+                "model folder (save_pretrained), a .gguf file, or a Hugging Face hub id"
+            )
         model, tokenizer = _from_pretrained(source, dtype)
         weights_hash = weights_fingerprint(Path(source), cache_dir)
         name = slug(str(Path(source).resolve()))
@@ -238,8 +255,7 @@ def load_model(
         )
     else:
         model, tokenizer = _from_pretrained(source, dtype)
-        # Hub snapshots live in a folder named after the commit: that is the revision.
-        weights_hash = getattr(model.config, "_commit_hash", None) or "unknown"
+        weights_hash = _hub_revision(source, cache_dir)
         name = slug(source)
 
     if getattr(model.config, "is_encoder_decoder", False):

@@ -62,8 +62,9 @@ class LinearProbe:
         meta = self.metadata
         if meta.get("tokenizer_hash") and meta["tokenizer_hash"] != loaded.tokenizer_hash:
             raise TokenprobeError(
-                f"probe was trained with another tokenizer than {loaded.source!r}'s "
-                f"(probe model: {meta.get('model')}); use the model named in the probe file"
+                f"probe was trained with another tokenizer (model {meta.get('model')}, tokenizer "
+                f"{meta['tokenizer_hash'][:12]}) than {loaded.source!r} has (tokenizer {loaded.tokenizer_hash[:12]}); "
+                "use the model named in the probe file"
             )
         if meta.get("weights_hash") and meta["weights_hash"] != loaded.weights_hash:
             raise TokenprobeError(
@@ -80,6 +81,7 @@ def read_probe_metadata(path: Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise TokenprobeError(f"probe file not found: {path}")
+    _refuse_pickle(path)
     try:
         with safe_open(str(path), framework="pt") as f:
             raw = (f.metadata() or {}).get(METADATA_KEY)
@@ -99,6 +101,19 @@ def read_probe_metadata(path: Path) -> dict[str, Any]:
             f"{meta['format_version']}); upgrade tokenprobe to read it"
         )
     return meta
+
+
+def _refuse_pickle(path: Path) -> None:
+    """torch.save files (zip or raw pickle) are refused before anything parses them."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    size = path.stat().st_size
+    looks_like_safetensors = len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") + 8 <= size
+    if not looks_like_safetensors and (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):
+        raise TokenprobeError(
+            f"{path} is a pickle (torch.save / .pth format), not a tokenprobe probe; tokenprobe only reads its "
+            "own .safetensors probe files and never unpickles, because loading a pickle can run arbitrary code"
+        )
 
 
 def load_probe(path: Path) -> LinearProbe:

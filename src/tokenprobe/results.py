@@ -5,12 +5,14 @@ from __future__ import annotations
 import csv
 import io
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from tokenprobe.files import atomic_write_bytes, write_json
 from tokenprobe.metrics import BinaryMetrics
+
+Intervals = dict[str, tuple[float, float]]  # metric -> (low, high), 95% bootstrap over held-out chunks
 
 EVAL_SETS = ("eval", "eval_natural", "train")
 SET_DESCRIPTIONS = {
@@ -26,62 +28,143 @@ class LayerResult:
     run_name: str
     probe_file: str | None
     metrics: dict[str, BinaryMetrics]  # keyed by EVAL_SETS
+    intervals: dict[str, Intervals] = field(default_factory=dict)  # set -> metric -> (low, high)
+    logit_lens: dict[str, BinaryMetrics] = field(default_factory=dict)  # set -> metrics of this layer's logit lens
+    logit_lens_intervals: dict[str, Intervals] = field(default_factory=dict)
+    auroc_fraction_of_model: dict[str, tuple[float, float, float]] = field(default_factory=dict)  # set -> (value, low, high)
 
     @property
     def primary(self) -> BinaryMetrics:
         return self.metrics["eval"]
 
     def to_dict(self) -> dict[str, Any]:
-        """Flat primary metrics (held-out, balanced) plus every set in full."""
-        return {
+        """Flat primary metrics (held-out, balanced) with their intervals, plus every set in full."""
+        out = {
             "layer": self.layer,
             "run_name": self.run_name,
             "probe_file": self.probe_file,
-            **self.primary.to_dict(),
-            "sets": {name: m.to_dict() for name, m in self.metrics.items()},
+            **with_intervals(self.primary, self.intervals.get("eval", {})),
+            "sets": {name: with_intervals(m, self.intervals.get(name, {})) for name, m in self.metrics.items()},
         }
+        if self.logit_lens:
+            out["logit_lens"] = {name: with_intervals(m, self.logit_lens_intervals.get(name, {}))
+                                 for name, m in self.logit_lens.items()}
+        if self.auroc_fraction_of_model:
+            out["auroc_fraction_of_model"] = {name: {"value": v, "low": lo, "high": hi}
+                                              for name, (v, lo, hi) in self.auroc_fraction_of_model.items()}
+        return out
+
+
+@dataclass(frozen=True)
+class BaselineResult:
+    """A run-level baseline (the model's own prediction, token statistics, majority class)."""
+
+    name: str
+    description: str
+    metrics: dict[str, BinaryMetrics]  # set -> metrics
+    intervals: dict[str, Intervals] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"description": self.description,
+                "sets": {name: with_intervals(m, self.intervals.get(name, {})) for name, m in self.metrics.items()}}
+
+
+def with_intervals(metrics: BinaryMetrics, intervals: Intervals) -> dict[str, Any]:
+    """The metrics as a flat dict, each interval as `<metric>_low` and `<metric>_high`."""
+    out: dict[str, Any] = dict(metrics.to_dict())
+    for name, (low, high) in intervals.items():
+        out[f"{name}_low"], out[f"{name}_high"] = low, high
+    return out
 
 
 def _fmt(value: float, digits: int = 3) -> str:
     return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
 
 
-def format_table(layers: list[LayerResult]) -> str:
-    """The end-of-run table: held-out balanced metrics, confusion matrix, natural-ratio figures."""
-    head = (f"{'layer':>5}  {'bal.acc':>7}  {'acc':>6}  {'AUROC':>6}  {'TP':>6} {'FP':>6} {'TN':>6} {'FN':>6}"
+def _ci(intervals: Intervals, name: str) -> str:
+    low, high = intervals.get(name, (float("nan"), float("nan")))
+    return "" if math.isnan(low) else f"[{low:.3f},{high:.3f}]"
+
+
+def format_table(layers: list[LayerResult], baselines: list[BaselineResult] | None = None,
+                 indistinguishable: list[int] | None = None) -> str:
+    """The end-of-run table: held-out balanced metrics with 95% intervals, logit lens, confusion matrix,
+    natural-ratio figures; then the run-level baselines."""
+    head = (f"{'layer':>5}  {'bal.acc':>7} {'95% CI':<13}  {'AUROC':>6} {'95% CI':<13}  {'/model':>6}  "
+            f"{'lens bal.acc':>12} {'AUROC':>6}  {'TP':>6} {'FP':>6} {'TN':>6} {'FN':>6}"
             f"   {'natural: bal.acc':>16}  {'acc':>6}  {'AUROC':>6}")
     lines = [head, "-" * len(head)]
     best = max(layers, key=lambda r: -1 if math.isnan(r.primary.balanced_accuracy) else r.primary.balanced_accuracy)
     for r in layers:
-        m, nat = r.primary, r.metrics["eval_natural"]
-        mark = " *" if r is best else ""
+        m, nat, iv = r.primary, r.metrics["eval_natural"], r.intervals.get("eval", {})
+        lens = r.logit_lens.get("eval")
+        fraction = r.auroc_fraction_of_model.get("eval", (float("nan"),))[0]
+        mark = " *" if r is best else (" =" if indistinguishable and r.layer in indistinguishable else "")
         lines.append(
-            f"{r.layer:>5}  {_fmt(m.balanced_accuracy):>7}  {_fmt(m.accuracy):>6}  {_fmt(m.auroc):>6}  "
+            f"{r.layer:>5}  {_fmt(m.balanced_accuracy):>7} {_ci(iv, 'balanced_accuracy'):<13}  {_fmt(m.auroc):>6} "
+            f"{_ci(iv, 'auroc'):<13}  {_fmt(fraction):>6}  "
+            f"{_fmt(lens.balanced_accuracy if lens else float('nan')):>12} {_fmt(lens.auroc if lens else float('nan')):>6}  "
             f"{m.tp:>6} {m.fp:>6} {m.tn:>6} {m.fn:>6}   {_fmt(nat.balanced_accuracy):>16}  "
             f"{_fmt(nat.accuracy):>6}  {_fmt(nat.auroc):>6}{mark}"
+        )
+    for b in baselines or []:
+        m, nat, iv = b.metrics.get("eval"), b.metrics.get("eval_natural"), b.intervals.get("eval", {})
+        if m is None:
+            continue
+        lines.append(
+            f"{'':>5}  {_fmt(m.balanced_accuracy):>7} {_ci(iv, 'balanced_accuracy'):<13}  {_fmt(m.auroc):>6} "
+            f"{_ci(iv, 'auroc'):<13}  {'':>6}  {'':>12} {'':>6}  {m.tp:>6} {m.fp:>6} {m.tn:>6} {m.fn:>6}   "
+            f"{_fmt(nat.balanced_accuracy if nat else float('nan')):>16}  {_fmt(nat.accuracy if nat else float('nan')):>6}  "
+            f"{_fmt(nat.auroc if nat else float('nan')):>6}  <- {b.name}"
         )
     first = layers[0].metrics
     lines.append(
         f"held-out balanced set: {first['eval'].n:,} positions ({first['eval'].positives:,} positive); "
         f"natural set: {first['eval_natural'].n:,} positions ({first['eval_natural'].positives:,} positive); "
-        f"* best layer"
+        f"* best layer" + ("; = indistinguishable from it (paired 95% CI of the difference includes 0)"
+                           if indistinguishable else "")
     )
+    if layers[0].intervals:
+        lines.append("95% CI: bootstrap over held-out chunks; /model: probe AUROC as a fraction of the model's own; "
+                     "lens: logit lens at that layer")
     return "\n".join(lines)
 
 
-def write_results(out_dir: Path, record: dict[str, Any], layers: list[LayerResult]) -> None:
+CSV_METRICS = [*BinaryMetrics.__dataclass_fields__]
+CSV_INTERVALS = [f"{m}_{end}" for m in ("balanced_accuracy", "accuracy", "auroc") for end in ("low", "high")]
+
+
+def _csv_row(layer: int | str, subset: str, scorer: str, metrics: BinaryMetrics, intervals: Intervals,
+             extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    row = {"layer": layer, "set": subset, "scorer": scorer, **with_intervals(metrics, intervals), **(extra or {})}
+    return {k: ("" if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()}
+
+
+def write_results(out_dir: Path, record: dict[str, Any], layers: list[LayerResult],
+                  baselines: list[BaselineResult] | None = None, extra: dict[str, Any] | None = None) -> None:
+    """results.json (NaN as null) and results.csv (one row per layer, set and scorer; NaN as empty)."""
     write_json(out_dir / "results.json", {
         "run": record,
         "primary_metric": "balanced_accuracy on the held-out balanced set ('eval')",
         "sets": SET_DESCRIPTIONS,
         "layers": [r.to_dict() for r in layers],
+        "baselines": {b.name: b.to_dict() for b in baselines or []},
+        **(extra or {}),
     })
     buffer = io.StringIO()
-    fields = ["layer", "set", *BinaryMetrics.__dataclass_fields__]
-    writer = csv.DictWriter(buffer, fieldnames=fields)
+    fields = ["layer", "set", "scorer", *CSV_METRICS, *CSV_INTERVALS, "auroc_fraction_of_model",
+              "auroc_fraction_of_model_low", "auroc_fraction_of_model_high"]
+    writer = csv.DictWriter(buffer, fieldnames=fields, restval="")
     writer.writeheader()
     for r in layers:
         for name, m in r.metrics.items():
-            row = {k: ("" if isinstance(v, float) and math.isnan(v) else v) for k, v in m.to_dict().items()}
-            writer.writerow({"layer": r.layer, "set": name, **row})
+            value, low, high = r.auroc_fraction_of_model.get(name, (float("nan"),) * 3)
+            writer.writerow(_csv_row(r.layer, name, "probe", m, r.intervals.get(name, {}), {
+                "auroc_fraction_of_model": value, "auroc_fraction_of_model_low": low,
+                "auroc_fraction_of_model_high": high}))
+        for name, m in r.logit_lens.items():
+            writer.writerow(_csv_row(r.layer, name, "logit_lens", m, r.logit_lens_intervals.get(name, {})))
+    for b in baselines or []:
+        for name, m in b.metrics.items():
+            writer.writerow(_csv_row("", name, b.name, m, b.intervals.get(name, {})))
     atomic_write_bytes(out_dir / "results.csv", buffer.getvalue().encode())

@@ -8,7 +8,7 @@ import platform
 import shutil
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,13 +20,17 @@ from tokenprobe.chunks import load_chunks
 from tokenprobe.config import RunConfig, parse_layers, run_name, sweep_name
 from tokenprobe.corpus import load_corpus
 from tokenprobe.errors import TokenprobeError
+from tokenprobe.evaluation import evaluate_run
 from tokenprobe.files import default_cache_dir, write_json
 from tokenprobe.labels import resolve_target, task_labels
-from tokenprobe.metrics import binary_metrics
+from tokenprobe.locks import RunLock
 from tokenprobe.models import LoadedModel, load_model
 from tokenprobe.positions import SUBSETS, sample_positions, split_chunks
 from tokenprobe.probes import LinearProbe, fit_linear_probes, pos_weight_for
-from tokenprobe.results import LayerResult, format_table, write_results
+from tokenprobe.report import write_report
+from tokenprobe.resume import ExtractionCheckpoint
+from tokenprobe.results import BaselineResult, LayerResult, format_table, write_results
+from tokenprobe.tracking import log_to_wandb
 
 
 @dataclass
@@ -36,13 +40,16 @@ class RunResult:
     layers: list[LayerResult]
     probes: dict[int, LinearProbe]
     out_dir: Path | None
+    baselines: list[BaselineResult] = field(default_factory=list)
+    comparisons: dict[str, Any] = field(default_factory=dict)
 
     @property
     def best(self) -> LayerResult:
         return max(self.layers, key=lambda r: np.nan_to_num(r.primary.balanced_accuracy, nan=-1.0))
 
     def table(self) -> str:
-        return format_table(self.layers)
+        ties = self.comparisons.get("balanced_accuracy", {}).get("indistinguishable_from_best")
+        return format_table(self.layers, self.baselines, ties)
 
 
 def say(message: str, quiet: bool = False) -> None:
@@ -100,9 +107,12 @@ def train(
     config.validate()
     quiet = not progress
     cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
+    lock: RunLock | None = None
     if save and out_dir is not None:
         out_dir = Path(out_dir)
         check_out_dir(out_dir, overwrite)
+        # Held until the run is published; released by the kernel if the process dies first.
+        lock = RunLock(out_dir).acquire()
     timings: dict[str, float] = {}
     started = time.perf_counter()
 
@@ -143,7 +153,29 @@ def train(
                                   for k, v in counts.items()), quiet)
     say(f"Layers {','.join(map(str, layers))}: one forward pass per batch, stopping after layer {max(layers)}", quiet)
 
-    acts = extract(loaded, chunks, positions, layers, config.batch_size, progress)
+    # The model's own prediction (a baseline) needs the last layer's residual even when it is not probed.
+    extract_layers = sorted({*layers, loaded.num_layers}) if config.baselines else layers
+    if extract_layers != layers:
+        say(f"Baselines: also extracting layer {loaded.num_layers} for the model's own prediction", quiet)
+    checkpoint = ExtractionCheckpoint.for_run(cache_dir, loaded, chunks, positions, extract_layers)
+    batch_size = config.batch_size
+    if batch_size == "auto" and checkpoint.resumable_batch_size():
+        batch_size = checkpoint.resumable_batch_size()  # what the interrupted run chose, so its batches count
+    if batch_size == "auto":
+        from tokenprobe.batching import choose_batch_size
+
+        t = time.perf_counter()
+        batch_size, why = choose_batch_size(loaded, chunks, len(np.unique(positions.chunk)), extract_layers)
+        timings["batch_size_probe_s"] = time.perf_counter() - t
+        say(f"--batch-size auto: {batch_size} ({why})", quiet)
+    if checkpoint.completed(batch_size):
+        say(f"Resuming: {checkpoint.completed(batch_size)} batches were already extracted by an "
+            f"interrupted run ({checkpoint.folder})", quiet)
+    try:
+        acts = extract(loaded, chunks, positions, extract_layers, batch_size, progress, checkpoint=checkpoint)
+    except TokenprobeError:
+        checkpoint.remove()  # a rerun would only meet the same error
+        raise
     timings["forward_s"] = acts.seconds
     if acts.bad_batches:
         say(f"warning: skipped {acts.bad_batches} of {acts.batches} batches with NaN/Inf hidden states", quiet)
@@ -152,10 +184,19 @@ def train(
     label_t = torch.from_numpy(positions.label)
     index = {name: torch.from_numpy(np.flatnonzero(positions.mask(name) & acts.keep)) for name in SUBSETS}
     pos_weight = pos_weight_for(label_t[index["train"]], config.pos_weight_cap)
-    probes = fit_linear_probes(acts.values[:, index["train"]], label_t[index["train"]], l2=config.l2,
+    probes = fit_linear_probes(acts.values[: len(layers), index["train"]], label_t[index["train"]], l2=config.l2,
                                pos_weight=pos_weight, max_iter=config.max_iter, device=loaded.device,
                                progress=progress)
     timings["train_probes_s"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    if config.baselines or config.bootstrap:
+        say(("Baselines and " if config.baselines else "") + f"95% intervals ({config.bootstrap} bootstrap resamples "
+            "of held-out chunks)", quiet)
+    scored = evaluate_run(loaded, chunks, labels, valid, split.train, positions, acts.keep, acts.values,
+                          acts.layers, layers, probes, target.token_id, config.baselines, config.bootstrap,
+                          config.seed)
+    timings["baselines_intervals_s"] = time.perf_counter() - t
 
     record = {
         "config": config.to_dict(),
@@ -173,9 +214,12 @@ def train(
         "positions": counts,
         "pos_weight": pos_weight,
         "extraction": {"batches": acts.batches, "bad_batches": acts.bad_batches,
+                       "resumed_batches": acts.resumed_batches, "batch_size": acts.batch_size,
                        "bad_layers": acts.bad_layers, "tokens": acts.tokens,
                        "tokens_per_second": acts.tokens_per_second},
         "timings": timings,
+        "baselines": scored.info,
+        "intervals": {"level": 0.95, "resamples": config.bootstrap, "unit": "held-out chunks"},
         "versions": {"tokenprobe": _version(), "torch": torch.__version__, "transformers": _transformers_version(),
                      "python": platform.python_version()},
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -184,10 +228,7 @@ def train(
     results: list[LayerResult] = []
     by_layer: dict[int, LinearProbe] = {}
     for i, (layer, probe) in enumerate(zip(layers, probes)):
-        metrics = {}
-        for name in ("eval", "eval_natural", "train"):
-            prob = probe.predict_proba(acts.values[i, index[name]]).numpy()
-            metrics[name] = binary_metrics(positions.label[index[name].numpy()], prob)
+        metrics = scored.probe_metrics(layer)
         name = run_name(config, layer, loaded.name)
         probe.metadata = {
             "layer": layer, "task": config.task, "target": target.text, "target_ids": [target.token_id],
@@ -200,12 +241,14 @@ def train(
         }
         by_layer[layer] = probe
         results.append(LayerResult(layer=layer, run_name=name, probe_file=f"probes/layer{layer:02d}.safetensors"
-                                   if save else None, metrics=metrics))
+                                   if save else None, metrics=metrics, **scored.layer_fields(layer)))
     timings["total_s"] = time.perf_counter() - started
 
     if save:
         out_dir = Path(out_dir) if out_dir is not None else default_out_dir(config, loaded.name)
         check_out_dir(out_dir, overwrite)
+        if lock is None:
+            lock = RunLock(out_dir).acquire()
         out_dir.parent.mkdir(parents=True, exist_ok=True)
         staging = out_dir.with_name(f".{out_dir.name}.partial-{os.getpid()}")
         shutil.rmtree(staging, ignore_errors=True)
@@ -213,15 +256,21 @@ def train(
             (staging / "probes").mkdir(parents=True)
             for r in results:
                 by_layer[r.layer].save(staging / r.probe_file)
-            write_results(staging, record, results)
+            write_results(staging, record, results, scored.baselines, {"comparisons": scored.comparisons})
+            write_report(staging)
             write_json(staging / "run.json", record)
             _publish(staging, out_dir)
         except OSError as exc:
             raise TokenprobeError(f"cannot write the run to {out_dir}: {exc.strerror or exc}") from exc
         finally:
             shutil.rmtree(staging, ignore_errors=True)
-    return RunResult(config=config, record=record, layers=results, probes=by_layer,
-                     out_dir=out_dir if save else None)
+            lock.release()
+    checkpoint.remove()  # only now: until the run is saved, a rerun can resume from it
+    result = RunResult(config=config, record=record, layers=results, probes=by_layer,
+                       out_dir=out_dir if save else None, baselines=scored.baselines, comparisons=scored.comparisons)
+    if config.wandb:
+        log_to_wandb(result, say=say)  # shown even with --quiet: where the runs went matters
+    return result
 
 
 def _version() -> str:

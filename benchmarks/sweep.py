@@ -1,0 +1,503 @@
+"""Benchmark: a tokenprobe layer sweep against the bare forward pass and the usual ways of probing.
+
+Every configuration sees the same tokens: tokenprobe's own chunking, split and balanced position
+sampling decide which chunks run and which positions are kept, and all four configurations reuse them.
+
+1. bare forward   the decoder stack up to the deepest layer: no hooks, no final unembedding (the floor)
+2. tokenprobe     ``train(layers="all")`` end to end: positions, one forward pass, all probes, metrics
+3. usual recipe   AutoModelForCausalLM with output_hidden_states=True (full logits, as people write it),
+                  the same positions gathered, sklearn StandardScaler + LogisticRegression per layer
+4. seed's way     the ``auto`` layers, each with a fresh float32 torch probe trained with Adam for a few
+                  epochs, the model's full forward pass recomputed for every batch of every epoch
+                  (model loaded once)
+
+Wall times are medians over ``--repeats`` runs in this process (the model is loaded once). Peak
+resident memory is measured per configuration in a fresh subprocess (ru_maxrss) at ``--memory-batch``
+chunks per forward pass. ``--startup`` times a second ``tokenprobe train`` from launch to its first
+forward pass.
+
+    python benchmarks/sweep.py                  # defaults: ~20k tokens, under 15 minutes on 2 CPU cores
+    python benchmarks/sweep.py --tokens 200000  # a larger run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+CONFIGS = ("bare", "tokenprobe", "recipe", "seed")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="benchmarks/sweep.py",
+        description="Time a tokenprobe --layers all sweep against the bare forward pass, the usual "
+        "output_hidden_states + scikit-learn recipe and the seed's per-layer retraining, on the same tokens.",
+    )
+    p.add_argument("--model", default="gemma-3-270m", help="as tokenprobe --model (default: %(default)s)")
+    p.add_argument("--corpus", default="wiki-summaries", help="as tokenprobe --corpus (default: %(default)s)")
+    p.add_argument("--context-length", type=int, default=256, help="tokens per chunk (default: %(default)s)")
+    p.add_argument("--tokens", type=int, default=20_480,
+                   help="corpus tokens to use (tokenprobe --max-tokens); every chunk of them holds sampled "
+                        "positions, so this is the token count each forward pass runs (default: %(default)s)")
+    p.add_argument("--large", action="store_true", help="shorthand for --tokens 204800 (about 10x the default)")
+    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
+                   help="model dtype for every configuration; auto as in tokenprobe (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=16, help="chunks per forward pass (default: %(default)s)")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs of bare/tokenprobe/recipe (default: %(default)s)")
+    p.add_argument("--seed-repeats", type=int, default=1,
+                   help="timed runs of the seed's way, the slowest by far (default: %(default)s)")
+    p.add_argument("--seed-epochs", type=int, default=3, help="epochs per layer in the seed's way (default: %(default)s)")
+    p.add_argument("--seed-lr", type=float, default=1e-2, help="Adam learning rate in the seed's way (default: %(default)s)")
+    p.add_argument("--skip", default="", help="comma-separated configurations to skip: " + ",".join(CONFIGS))
+    p.add_argument("--memory-batch", type=int, default=48,
+                   help="chunks per forward pass when measuring peak memory (default: %(default)s)")
+    p.add_argument("--memory-batches", type=int, default=2, help="forward passes per memory measurement (default: %(default)s)")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    p.add_argument("--memory-only", action="store_true", help="only the peak-memory subprocesses (and --startup if given)")
+    p.add_argument("--startup", action="store_true", help="also time a second `tokenprobe train` from launch to its first forward pass")
+    p.add_argument("--json", type=Path, default=None, help="also write every figure to this JSON file")
+    p.add_argument("--cache-dir", type=Path, default=None, help="tokenprobe cache (default: $TOKENPROBE_CACHE or ~/.cache/tokenprobe)")
+    p.add_argument("--child", choices=CONFIGS + ("load",), help=argparse.SUPPRESS)  # internal: one memory measurement
+    args = p.parse_args(argv)
+    if args.large:
+        args.tokens = 204_800
+    return args
+
+
+# ------------------------------------------------------------------------------------------ the data
+
+
+@dataclass
+class Setup:
+    loaded: object
+    config: object  # tokenprobe RunConfig that tokenprobe's own run uses
+    chunks: object  # np.ndarray (n_chunks, ctx)
+    positions: object  # PositionSet
+    wanted: object  # np.ndarray of chunk ids that hold a sampled position, sorted
+    load_s: float
+
+
+def setup(args: argparse.Namespace, batch_size: int) -> Setup:
+    """The model (once) and tokenprobe's own chunks, split and balanced positions."""
+    import numpy as np
+
+    from tokenprobe.chunks import load_chunks
+    from tokenprobe.config import RunConfig
+    from tokenprobe.corpus import load_corpus
+    from tokenprobe.files import default_cache_dir
+    from tokenprobe.labels import resolve_target, task_labels
+    from tokenprobe.models import load_model
+    from tokenprobe.positions import sample_positions, split_chunks
+
+    cache_dir = args.cache_dir or default_cache_dir()
+    # Ask for more positions than the token budget holds: every positive is used, balanced per chunk.
+    config = RunConfig(model=args.model, corpus=args.corpus, context_length=args.context_length,
+                       max_tokens=args.tokens, layers="all", dtype=args.dtype, batch_size=batch_size,
+                       train_positions=args.tokens, eval_positions=args.tokens)
+    t = time.perf_counter()
+    loaded = load_model(config.model, config.dtype, "cpu", cache_dir)
+    load_s = time.perf_counter() - t
+    corpus = load_corpus(config.corpus, config.text_field, config.corpus_config, config.corpus_split)
+    chunks, _ = load_chunks(corpus, loaded.tokenizer, loaded.tokenizer_hash, config.context_length, cache_dir, False)
+    target = resolve_target(loaded.tokenizer, config.target, config.target_id)
+    split = split_chunks(len(chunks), config.eval_fraction, config.seed, config.max_tokens // config.context_length)
+    has_bos = loaded.tokenizer.bos_token_id is not None and bool((chunks[:, 0] == loaded.tokenizer.bos_token_id).all())
+    labels, valid = task_labels(chunks, target.token_id, config.task, has_bos)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "only N positive positions exist": intended, we take them all
+        positions = sample_positions(labels, valid, split, config.train_positions, config.eval_positions,
+                                     config.balance, config.seed)
+    return Setup(loaded, config, chunks, positions, np.unique(positions.chunk), load_s)
+
+
+def batches(s: Setup, batch_size: int, chunk_ids=None):
+    """(input_ids, rows, cols, index) per batch: index points into s.positions."""
+    import numpy as np
+    import torch
+
+    ids = s.wanted if chunk_ids is None else chunk_ids
+    pos = s.positions
+    for b in range(0, len(ids), batch_size):
+        batch = ids[b : b + batch_size]
+        rows, index = [], []
+        for r, c in enumerate(batch):
+            hit = np.flatnonzero(pos.chunk == c)
+            index.append(hit)
+            rows.append(np.full(len(hit), r))
+        index = np.concatenate(index)
+        yield (torch.from_numpy(s.chunks[batch]), torch.from_numpy(np.concatenate(rows)),
+               torch.from_numpy(pos.position[index]), index)
+
+
+# ---------------------------------------------------------------------------------- configurations
+
+
+def run_bare(s: Setup, batch_size: int, max_batches: int | None = None) -> dict:
+    """The decoder stack up to the deepest layer (all of it for --layers all): no hooks, no lm_head."""
+    import torch
+
+    model = s.loaded.model
+    base = getattr(model, model.base_model_prefix)  # e.g. Gemma3TextModel: embeddings, blocks, final norm
+    tokens = 0
+    t = time.perf_counter()
+    with torch.inference_mode():
+        for i, (input_ids, _, _, _) in enumerate(batches(s, batch_size)):
+            if max_batches is not None and i >= max_batches:
+                break
+            base(input_ids=input_ids, use_cache=False)
+            tokens += input_ids.numel()
+    return {"seconds": time.perf_counter() - t, "tokens": tokens}
+
+
+def run_tokenprobe(s: Setup, batch_size: int, max_batches: int | None = None) -> dict:
+    import dataclasses
+
+    from tokenprobe.train import train
+
+    config = dataclasses.replace(s.config, batch_size=batch_size)
+    if max_batches is not None:
+        config.max_tokens = min(config.max_tokens, max_batches * batch_size * config.context_length)
+    t = time.perf_counter()
+    result = train(config, loaded=s.loaded, cache_dir=None, save=False, progress=False)
+    seconds = time.perf_counter() - t
+    ev = {r.layer: r.metrics["eval"] for r in result.layers}
+    return {"seconds": seconds, "tokens": result.record["extraction"]["tokens"],
+            "forward_s": result.record["timings"]["forward_s"],
+            "train_probes_s": result.record["timings"]["train_probes_s"],
+            "timings": result.record["timings"],
+            "batch_size": result.record.get("batch_size", batch_size),
+            "eval": {layer: _ba(m.tp, m.fp, m.tn, m.fn) for layer, m in ev.items()}}
+
+
+def run_recipe(s: Setup, batch_size: int, max_batches: int | None = None) -> dict:
+    """output_hidden_states=True over the same chunks, same positions, sklearn LR per layer."""
+    import numpy as np
+    import torch
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    from tokenprobe.positions import SUBSETS
+
+    pos = s.positions
+    n_layers = s.loaded.num_layers + 1
+    feats = np.zeros((n_layers, len(pos), s.loaded.hidden_size), dtype=np.float32)
+    tokens = 0
+    t = time.perf_counter()
+    with torch.inference_mode():
+        for i, (input_ids, rows, cols, index) in enumerate(batches(s, batch_size)):
+            if max_batches is not None and i >= max_batches:
+                break
+            out = s.loaded.model(input_ids=input_ids, output_hidden_states=True, use_cache=False)
+            for layer, h in enumerate(out.hidden_states):
+                feats[layer, index] = h[rows, cols].float().numpy()
+            tokens += input_ids.numel()
+            del out
+    forward_s = time.perf_counter() - t
+    if max_batches is not None:
+        return {"seconds": forward_s, "tokens": tokens}
+    train = pos.subset == SUBSETS.index("train")
+    ev = pos.subset == SUBSETS.index("eval")
+    scores = {}
+    for layer in range(n_layers):
+        clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000))
+        clf.fit(feats[layer, train], pos.label[train])
+        scores[layer] = _ba_from(pos.label[ev], clf.predict(feats[layer, ev]))
+    return {"seconds": time.perf_counter() - t, "tokens": tokens, "forward_s": forward_s, "eval": scores}
+
+
+def run_seed(s: Setup, batch_size: int, epochs: int, lr: float) -> dict:
+    """Per `auto` layer: a fresh probe, Adam, the full forward pass redone for every batch of every epoch."""
+    import numpy as np
+    import torch
+
+    from tokenprobe.config import parse_layers
+    from tokenprobe.positions import SUBSETS
+
+    pos = s.positions
+    layers = parse_layers("auto", s.loaded.num_layers)
+    train_chunks = np.unique(pos.chunk[pos.subset == SUBSETS.index("train")])
+    eval_mask = pos.subset == SUBSETS.index("eval")
+    eval_chunks = np.unique(pos.chunk[eval_mask])
+    model = s.loaded.model
+    rng = np.random.default_rng(0)
+    tokens = 0
+    scores = {}
+    t = time.perf_counter()
+
+    def hidden_at(layer, input_ids, rows, cols):
+        nonlocal tokens
+        with torch.inference_mode():
+            out = model(input_ids=input_ids, output_hidden_states=True, use_cache=False)
+        tokens += input_ids.numel()
+        return out.hidden_states[layer][rows, cols].float().clone()
+
+    for layer in layers:
+        torch.manual_seed(layer)
+        probe = torch.nn.Linear(s.loaded.hidden_size, 1)
+        opt = torch.optim.Adam(probe.parameters(), lr=lr)
+        mean = std = None
+        for _ in range(epochs):
+            for input_ids, rows, cols, index in batches(s, batch_size, rng.permutation(train_chunks)):
+                keep = torch.from_numpy(pos.subset[index] == SUBSETS.index("train"))
+                x = hidden_at(layer, input_ids, rows, cols)[keep]
+                y = torch.from_numpy(pos.label[index][keep.numpy()]).float()
+                if mean is None:  # standardise with the first batch's statistics
+                    mean, std = x.mean(0), x.std(0).clamp_min(1e-6)
+                loss = torch.nn.functional.binary_cross_entropy_with_logits(probe((x - mean) / std).squeeze(-1), y)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+        predicted, truth = [], []
+        for input_ids, rows, cols, index in batches(s, batch_size, eval_chunks):
+            keep = pos.subset[index] == SUBSETS.index("eval")
+            x = hidden_at(layer, input_ids, rows, cols)[torch.from_numpy(keep)]
+            with torch.no_grad():
+                predicted.append((probe((x - mean) / std).squeeze(-1) > 0).numpy())
+            truth.append(pos.label[index][keep])
+        scores[layer] = _ba_from(np.concatenate(truth), np.concatenate(predicted))
+    return {"seconds": time.perf_counter() - t, "tokens": tokens, "eval": scores, "layers": layers}
+
+
+# --------------------------------------------------------------------------------------- statistics
+
+
+def _ba(tp, fp, tn, fn) -> tuple[float, float]:
+    """Balanced accuracy and its standard error (binomial, the two class recalls independent)."""
+    tpr = tp / max(1, tp + fn)
+    tnr = tn / max(1, tn + fp)
+    se = 0.5 * math.sqrt(tpr * (1 - tpr) / max(1, tp + fn) + tnr * (1 - tnr) / max(1, tn + fp))
+    return (tpr + tnr) / 2, se
+
+
+def _ba_from(truth, predicted) -> tuple[float, float]:
+    import numpy as np
+
+    truth, predicted = np.asarray(truth, bool), np.asarray(predicted, bool)
+    return _ba(int((truth & predicted).sum()), int((~truth & predicted).sum()),
+               int((~truth & ~predicted).sum()), int((truth & ~predicted).sum()))
+
+
+# ------------------------------------------------------------------------------------- peak memory
+
+
+def child_main(args: argparse.Namespace) -> None:
+    """One configuration in a fresh process; prints its peak resident memory as JSON."""
+    s = setup(args, args.memory_batch)
+    after_load = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    result = {}
+    if args.child == "bare":
+        result = run_bare(s, args.memory_batch, args.memory_batches)
+    elif args.child == "tokenprobe":
+        result = run_tokenprobe(s, args.memory_batch, args.memory_batches)
+    elif args.child == "recipe":
+        result = run_recipe(s, args.memory_batch, args.memory_batches)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    print(json.dumps({"config": args.child, "peak_rss_gb": peak / 2**20, "after_load_rss_gb": after_load / 2**20,
+                      "tokens": result.get("tokens", 0)}))
+
+
+def measure_memory(args: argparse.Namespace) -> dict:
+    out = {}
+    for name in ("load", "bare", "tokenprobe", "recipe"):
+        cmd = [sys.executable, __file__, "--child", name, "--model", args.model, "--corpus", args.corpus,
+               "--context-length", str(args.context_length), "--dtype", args.dtype,
+               "--tokens", str(max(args.tokens, args.memory_batch * args.memory_batches * args.context_length)),
+               "--memory-batch", str(args.memory_batch), "--memory-batches", str(args.memory_batches)]
+        if args.cache_dir:
+            cmd += ["--cache-dir", str(args.cache_dir)]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            out[name] = {"error": f"exit {proc.returncode} (killed for memory?): {proc.stderr.strip()[-300:]}"}
+        else:
+            out[name] = json.loads(proc.stdout.strip().splitlines()[-1])
+        print(f"  peak memory {name:<10} {_mem(out[name])}", flush=True)
+    return out
+
+
+def _mem(m: dict) -> str:
+    if "error" in m:
+        return m["error"]
+    return f"{m['peak_rss_gb']:.2f} GB peak RSS ({m['tokens']:,} tokens)"
+
+
+# ------------------------------------------------------------------------------------------- startup
+
+
+def measure_startup(args: argparse.Namespace) -> list[float]:
+    """Seconds from launching `tokenprobe train` to its 'Forward pass' progress bar, twice."""
+    times = []
+    exe = Path(sys.executable).with_name("tokenprobe")
+    for _ in range(2):
+        with tempfile.TemporaryDirectory() as tmp:
+            cmd = [str(exe), "train", "--model", args.model, "--corpus", args.corpus, "--max-tokens",
+                   str(16 * args.context_length), "--context-length", str(args.context_length), "--layers", "all",
+                   "--out", str(Path(tmp) / "run")]
+            if args.cache_dir:
+                cmd += ["--cache-dir", str(args.cache_dir)]
+            started = time.perf_counter()
+            proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL)
+            seen = threading.Event()
+            seen_at = [float("nan")]
+
+            def watch():
+                buf = b""
+                while True:
+                    ch = proc.stderr.read1(4096) if hasattr(proc.stderr, "read1") else proc.stderr.read(1)
+                    if not ch:
+                        return
+                    buf += ch
+                    if not seen.is_set() and b"Forward pass" in buf:
+                        seen_at[0] = time.perf_counter() - started
+                        seen.set()
+                    buf = buf[-64:]
+
+            watcher = threading.Thread(target=watch, daemon=True)
+            watcher.start()
+            seen.wait(600)
+            proc.terminate()  # the time to the first forward pass is all we wanted from this run
+            proc.wait()
+            watcher.join(5)
+            times.append(seen_at[0])
+            print(f"  launch -> first forward pass: {seen_at[0]:.2f} s", flush=True)
+    return times
+
+
+# ---------------------------------------------------------------------------------------------- main
+
+
+def median(values):
+    return statistics.median(values) if values else float("nan")
+
+
+def machine() -> str:
+    import torch
+
+    cpu = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return (f"{cpu}, {os.cpu_count()} cores visible, torch threads {torch.get_num_threads()}, {mem:.0f} GB RAM; "
+            f"Python {platform.python_version()}, torch {torch.__version__}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.child:
+        child_main(args)
+        return 0
+    skip = {x.strip() for x in args.skip.split(",") if x.strip()}
+    report: dict = {"args": {k: str(v) for k, v in vars(args).items()}}
+    print(f"machine: {machine()}", flush=True)
+    report["machine"] = machine()
+
+    if not args.memory_only:
+        s = setup(args, args.batch_size)
+        n_tok = len(s.wanted) * args.context_length
+        counts = s.positions.counts()
+        print(f"model {s.loaded.name}: {s.loaded.num_layers} layers, {str(s.loaded.dtype).replace('torch.', '')} "
+              f"on {s.loaded.device} (loaded in {s.load_s:.1f} s); {len(s.wanted)} chunks x {args.context_length} "
+              f"= {n_tok:,} tokens per forward pass; batch {args.batch_size}", flush=True)
+        print("positions: " + "; ".join(f"{k} {v['positions']:,} ({v['positive']:,} positive)" for k, v in counts.items()))
+        runs: dict[str, list[dict]] = {c: [] for c in CONFIGS}
+        for rep in range(args.repeats):
+            for name, fn in (("bare", run_bare), ("tokenprobe", run_tokenprobe), ("recipe", run_recipe)):
+                if name in skip:
+                    continue
+                r = fn(s, args.batch_size)
+                runs[name].append(r)
+                print(f"  repeat {rep + 1}/{args.repeats} {name:<10} {r['seconds']:7.1f} s  "
+                      f"{r['tokens'] / r['seconds']:7.0f} tok/s", flush=True)
+        if "seed" not in skip:
+            for rep in range(args.seed_repeats):
+                r = run_seed(s, args.batch_size, args.seed_epochs, args.seed_lr)
+                runs["seed"].append(r)
+                print(f"  repeat {rep + 1}/{args.seed_repeats} seed       {r['seconds']:7.1f} s  "
+                      f"({r['tokens']:,} tokens through the model)", flush=True)
+        del s
+        summarise(args, runs, n_tok, report)
+
+    if not args.no_memory:
+        print(f"\npeak resident memory, each in a fresh process, batch {args.memory_batch} x ctx {args.context_length}, "
+              f"{args.memory_batches} forward passes:", flush=True)
+        mem = measure_memory(args)
+        report["memory"] = mem
+        tp, rc = mem.get("tokenprobe", {}), mem.get("recipe", {})
+        if "peak_rss_gb" in tp and "peak_rss_gb" in rc:
+            print(f"  tokenprobe / recipe peak memory: {tp['peak_rss_gb'] / rc['peak_rss_gb']:.2f} (target <= 0.20)")
+    if args.startup:
+        print("\nsecond `tokenprobe train` from launch to its first forward pass (the first run warms the caches):")
+        report["startup_s"] = measure_startup(args)
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2, default=str))
+    return 0
+
+
+def summarise(args, runs, n_tok, report) -> None:
+    med = {name: median([r["seconds"] for r in rs]) for name, rs in runs.items()}
+    report["median_s"] = med
+    report["runs"] = runs
+    print(f"\nmedians over {args.repeats} repeat(s) (seed: {args.seed_repeats}), {n_tok:,} tokens:")
+    print(f"  {'configuration':<34} {'wall s':>8} {'tok/s':>8}")
+    labels = {"bare": "bare forward (stack, no lm_head)", "tokenprobe": "tokenprobe --layers all",
+              "recipe": "usual recipe (hidden_states+sklearn)", "seed": f"seed's way (auto layers, {args.seed_epochs} ep)"}
+    for name in CONFIGS:
+        if runs[name]:
+            # tokens/s over the tokens the sweep covers, so every row compares the same work
+            print(f"  {labels[name]:<34} {med[name]:8.1f} {n_tok / med[name]:8.0f}")
+    if runs["tokenprobe"]:
+        tp = runs["tokenprobe"]
+        keys = [k for k in tp[0]["timings"] if k not in ("total_s", "load_model_s")]
+        print("  tokenprobe breakdown (median s): " + ", ".join(
+            f"{k.removesuffix('_s')} {median([r['timings'][k] for r in tp]):.1f}" for k in keys))
+    if runs["recipe"]:
+        print(f"  recipe breakdown (median): forward {median([r['forward_s'] for r in runs['recipe']]):.1f} s, "
+              f"sklearn {median([r['seconds'] - r['forward_s'] for r in runs['recipe']]):.1f} s")
+    ratios = {}
+    for label, a, b in (("tokenprobe / bare forward", "tokenprobe", "bare"),
+                        ("recipe / tokenprobe", "recipe", "tokenprobe"),
+                        ("seed / tokenprobe", "seed", "tokenprobe")):
+        if runs[a] and runs[b]:
+            ratios[label] = med[a] / med[b]
+            print(f"  {label:<26} {ratios[label]:6.2f}")
+    report["ratios"] = ratios
+    if runs["tokenprobe"]:
+        tp_eval = runs["tokenprobe"][0]["eval"]
+        print("\nbalanced accuracy on the held-out balanced positions (+- 95% interval); differences vs tokenprobe:")
+        print(f"  {'layer':>5} {'tokenprobe':>15} {'recipe':>15} {'diff':>15} {'seed':>15} {'diff':>15}")
+        for layer, (ba, se) in sorted(tp_eval.items()):
+            row = f"  {layer:>5} {ba:8.3f}+-{1.96 * se:.3f}"
+            for name in ("recipe", "seed"):
+                other = runs[name][0]["eval"].get(layer) if runs[name] else None
+                if other is None:
+                    row += f" {'':>15} {'':>15}"
+                else:
+                    d_se = 1.96 * math.sqrt(se**2 + other[1] ** 2)
+                    row += f" {other[0]:8.3f}+-{1.96 * other[1]:.3f} {other[0] - ba:+8.3f}+-{d_se:.3f}"
+            print(row)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

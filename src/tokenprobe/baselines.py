@@ -1,0 +1,190 @@
+"""What a probe's score should be compared with, on the same held-out positions.
+
+- ``model``: the probability the model's own output gives the target (final norm, full
+  unembedding, final-logit softcapping where the config has it, softmax over the vocabulary). The
+  full vocabulary is computed only at the held-out positions, plus a small sample of training
+  positions used to choose its threshold, in small batches: never for every token.
+- ``logit_lens`` at each probed layer: that layer's residual through the final norm and ONLY the
+  target's unembedding row (a logit, not a probability: normalising it would need every row).
+- ``token_stats``: P(label | current token id), counted over every usable position of the training
+  chunks. A probe that does not beat it has learned nothing beyond the bigram.
+- ``majority``: always the training set's majority class.
+
+Every baseline's threshold is the one that maximises balanced accuracy on the training positions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from tokenprobe.errors import TokenprobeError
+from tokenprobe.models import LoadedModel, find_final_norm
+from tokenprobe.uncertainty import Scorer
+
+MODEL = "model"
+TOKEN_STATS = "token_stats"
+MAJORITY = "majority"
+LOGIT_LENS = "logit_lens"
+DESCRIPTIONS = {
+    MODEL: "the model's own probability of the target (full softmax, held-out positions only)",
+    LOGIT_LENS: "the layer's residual through the final norm and the target's unembedding row",
+    TOKEN_STATS: "P(label | current token id) counted on the training chunks",
+    MAJORITY: "always the training set's majority class",
+}
+THRESHOLD_POSITIONS = 2000  # training positions where the model's full softmax is computed for its threshold
+
+
+def logit_lens_name(layer: int) -> str:
+    return f"{LOGIT_LENS}/{layer}"
+
+
+def choose_threshold(labels: np.ndarray, scores: np.ndarray) -> float:
+    """The threshold (predict positive when score >= it) that maximises balanced accuracy."""
+    from sklearn.metrics import roc_curve  # here: sklearn costs ~1 s of startup
+
+    labels = np.asarray(labels).astype(bool)
+    if labels.all() or not labels.any():
+        return float("inf") if not labels.any() else float("-inf")
+    from sklearn.metrics import roc_curve  # imported here: sklearn costs ~1 s of startup before the forward pass
+
+    fpr, tpr, thresholds = roc_curve(labels, scores)
+    best = int(np.argmax(tpr - fpr))
+    return float(thresholds[best])
+
+
+@dataclass
+class Unembedding:
+    """The final norm, the unembedding and the softcap, applied to residuals in small batches."""
+
+    norm: nn.Module | None
+    weight: torch.Tensor  # (vocab, hidden), the model's own dtype
+    bias: torch.Tensor | None
+    softcap: float | None
+    dtype: torch.dtype
+    device: torch.device
+
+    @classmethod
+    def of(cls, loaded: LoadedModel) -> Unembedding:
+        head = loaded.model.get_output_embeddings()
+        if head is None or not hasattr(head, "weight"):
+            raise TokenprobeError(f"{type(loaded.model).__name__} has no output embedding; baselines need one "
+                                  "(pass --no-baselines)")
+        config = loaded.model.config
+        softcap = getattr(config, "final_logit_softcapping", None)
+        if softcap is None and hasattr(config, "get_text_config"):
+            softcap = getattr(config.get_text_config(), "final_logit_softcapping", None)
+        return cls(norm=find_final_norm(loaded.model), weight=head.weight, bias=getattr(head, "bias", None),
+                   softcap=float(softcap) if softcap else None, dtype=head.weight.dtype, device=head.weight.device)
+
+    def normed(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The final norm, run in the model's dtype as the model runs it."""
+        x = hidden.to(device=self.device, dtype=self.dtype)
+        return self.norm(x) if self.norm is not None else x
+
+    def _cap(self, logits: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(logits / self.softcap) * self.softcap if self.softcap else logits
+
+    def target_logit(self, hidden: torch.Tensor, target_id: int, batch: int = 8192) -> np.ndarray:
+        """Logit lens: the target's (softcapped) logit from ONE unembedding row, float64 per position."""
+        row = self.weight[target_id].float()
+        bias = float(self.bias[target_id]) if self.bias is not None else 0.0
+        out = []
+        with torch.inference_mode():
+            for start in range(0, len(hidden), batch):
+                logit = self.normed(hidden[start : start + batch]).float() @ row + bias
+                out.append(self._cap(logit).double().cpu())
+        return torch.cat(out).numpy() if out else np.zeros(0)
+
+    def target_probability(self, hidden: torch.Tensor, target_id: int, batch: int = 64) -> np.ndarray:
+        """The model's own probability of the target: softmax over the full vocabulary, `batch` rows at a time."""
+        out = []
+        with torch.inference_mode():
+            for start in range(0, len(hidden), batch):
+                logits = nn.functional.linear(self.normed(hidden[start : start + batch]), self.weight, self.bias)
+                logits = self._cap(logits.float())
+                out.append(torch.log_softmax(logits, dim=-1)[:, target_id].double().exp().cpu())
+        return torch.cat(out).numpy() if out else np.zeros(0)
+
+
+def token_statistics(chunks: np.ndarray, labels: np.ndarray, valid: np.ndarray, train_chunks: np.ndarray,
+                     prior_strength: float = 1.0) -> np.ndarray:
+    """P(label | current token id) per token id, counted over the usable positions of the training chunks.
+
+    Ids never seen in training get the overall rate; rare ids are pulled towards it with
+    `prior_strength` pseudo-counts.
+    """
+    ids = chunks[train_chunks][valid[train_chunks]]
+    hits = labels[train_chunks][valid[train_chunks]].astype(np.float64)
+    size = int(chunks.max()) + 1
+    n = np.bincount(ids, minlength=size).astype(np.float64)
+    k = np.bincount(ids, weights=hits, minlength=size)
+    prior = hits.mean() if len(hits) else 0.0
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(n + prior_strength > 0, (k + prior_strength * prior) / (n + prior_strength), prior)
+
+
+@dataclass
+class BaselineSet:
+    """Every baseline as a Scorer over all positions of the PositionSet, and how each was made."""
+
+    scorers: dict[str, Scorer]
+    info: dict[str, object]
+
+
+def compute_baselines(
+    loaded: LoadedModel,
+    chunks: np.ndarray,
+    labels: np.ndarray,
+    valid: np.ndarray,
+    train_chunks: np.ndarray,
+    positions,
+    usable: np.ndarray,
+    hidden: dict[int, torch.Tensor],
+    probed_layers: list[int],
+    target_id: int,
+    seed: int = 0,
+) -> BaselineSet:
+    """Baseline scores at every position of `positions` (NaN where not computed).
+
+    `hidden` maps layer -> (positions, hidden) float32 residuals; it must hold every probed layer
+    and the last layer (``loaded.num_layers``). `usable` marks positions whose batch was finite.
+    """
+    n = len(positions)
+    train = positions.mask("train") & usable
+    held_out = (positions.mask("eval") | positions.mask("eval_natural")) & usable
+    unembed = Unembedding.of(loaded)
+    scorers: dict[str, Scorer] = {}
+    info: dict[str, object] = {"descriptions": DESCRIPTIONS, "final_logit_softcapping": unembed.softcap,
+                               "final_norm": type(unembed.norm).__name__ if unembed.norm is not None else None}
+
+    def scorer(scores: np.ndarray) -> Scorer:
+        return Scorer(scores=scores, threshold=choose_threshold(positions.label[train], scores[train]))
+
+    for layer in probed_layers:
+        scores = np.full(n, np.nan)
+        rows = np.flatnonzero(train | held_out)
+        scores[rows] = unembed.target_logit(hidden[layer][torch.from_numpy(rows)], target_id)
+        scorers[logit_lens_name(layer)] = scorer(scores)
+
+    # The model's own probability: held-out positions, plus a seeded sample of training positions for the threshold.
+    train_rows = np.flatnonzero(train)
+    rng = np.random.default_rng(seed + 7)
+    sample = np.sort(rng.choice(train_rows, size=min(THRESHOLD_POSITIONS, len(train_rows)), replace=False))
+    rows = np.union1d(np.flatnonzero(held_out), sample)
+    scores = np.full(n, np.nan)
+    scores[rows] = unembed.target_probability(hidden[loaded.num_layers][torch.from_numpy(rows)], target_id)
+    threshold = choose_threshold(positions.label[sample], scores[sample])
+    scorers[MODEL] = Scorer(scores=scores, threshold=threshold)
+    info["model_threshold_positions"] = int(len(sample))
+
+    table = token_statistics(chunks, labels, valid, train_chunks)
+    scorers[TOKEN_STATS] = scorer(table[chunks[positions.chunk, positions.position]])
+
+    majority = float(positions.label[train].mean() > 0.5)
+    scorers[MAJORITY] = Scorer(scores=np.full(n, majority), threshold=0.5)
+    info["majority_class"] = int(majority)
+    return BaselineSet(scorers=scorers, info=info)

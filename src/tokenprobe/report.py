@@ -1,0 +1,293 @@
+"""The sweep report: `plot.png` and `report.md`, built from a run folder's results.json alone.
+
+`tokenprobe train` writes both into each run folder; `tokenprobe report RUN_DIR [RUN_DIR ...]`
+rebuilds them, and with several run folders draws them in one plot (one colour per run).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from tokenprobe.errors import TokenprobeError
+from tokenprobe.files import atomic_write_bytes
+
+PLOT = "plot.png"
+REPORT = "report.md"
+METRICS = (("balanced_accuracy", "balanced accuracy"), ("auroc", "AUROC"))
+BASELINE_LABELS = {
+    "model": "model's own prediction",
+    "logit_lens": "logit lens",
+    "token_stats": "token statistics",
+    "majority": "majority class",
+}
+
+
+def load_results(run_dir: Path) -> dict[str, Any]:
+    path = Path(run_dir) / "results.json"
+    if not path.is_file():
+        raise TokenprobeError(f"{run_dir} is not a tokenprobe run folder: no results.json")
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise TokenprobeError(f"cannot read {path}: {exc}") from exc
+
+
+def _num(value: Any) -> float:
+    return float("nan") if value is None else float(value)
+
+
+def _f(value: Any, digits: int = 3) -> str:
+    value = _num(value)
+    return "n/a" if math.isnan(value) else f"{value:.{digits}f}"
+
+
+def _with_ci(entry: dict[str, Any], metric: str) -> str:
+    low, high = _num(entry.get(f"{metric}_low")), _num(entry.get(f"{metric}_high"))
+    text = _f(entry.get(metric))
+    return text if math.isnan(low) else f"{text} [{low:.3f}, {high:.3f}]"
+
+
+def _signed(d: dict[str, Any]) -> str:
+    return f"{d['difference']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]"
+
+
+def _layers_text(layers: list[int]) -> str:
+    return ", ".join(map(str, layers)) if layers else "none"
+
+
+# --------------------------------------------------------------------------------------------- words
+
+
+def render_markdown(results: dict[str, Any], plot_name: str | None = PLOT, title: bool = True) -> str:
+    run, layers = results["run"], results["layers"]
+    config, baselines = run["config"], results.get("baselines", {})
+    comparisons = results.get("comparisons", {})
+    positions = run.get("positions", {})
+    lines: list[str] = []
+    if title:
+        lines += [f"# tokenprobe report: {run.get('sweep_name', '')}", ""]
+    target = run.get("target", {}).get("text", config.get("target"))
+    question = ("will the next token be" if config.get("task") == "next" else "is this token")
+    resamples = comparisons.get("resamples") or run.get("intervals", {}).get("resamples") or 0
+    lines += [
+        f"Model `{run['model']['name']}` ({run.get('dtype')}), corpus `{run['corpus']['name']}`, task "
+        f"`{config.get('task')}`: {question} {target!r}? Context {config.get('context_length')} tokens; "
+        f"{positions.get('train', {}).get('positions', 0):,} training positions; "
+        f"{positions.get('eval', {}).get('positions', 0):,} held-out positions (balanced) from "
+        f"{positions.get('eval', {}).get('chunks', 0):,} held-out chunks, plus "
+        f"{positions.get('eval_natural', {}).get('positions', 0):,} at the natural class ratio.",
+        "",
+        (f"Intervals are 95% bootstrap intervals over the held-out chunks ({resamples} resamples), not over "
+         "positions; differences are tested pairwise on the same resamples." if resamples else
+         "No intervals (run with --bootstrap 0)."),
+        "",
+    ]
+    if plot_name:
+        lines += [f"![probe and baselines per layer]({plot_name})", ""]
+
+    by_layer = {r["layer"]: r for r in layers}
+    bal = comparisons.get("balanced_accuracy", {})
+    best_layer = bal.get("best_layer")
+    if best_layer is None:
+        best_layer = max(layers, key=lambda r: -1 if r["balanced_accuracy"] is None else r["balanced_accuracy"])["layer"]
+    best = by_layer[best_layer]
+    fraction = best.get("auroc_fraction_of_model", {}).get("eval")
+    lines += ["## Best layer", "",
+              f"Layer {best_layer}: balanced accuracy {_with_ci(best, 'balanced_accuracy')}, AUROC "
+              f"{_with_ci(best, 'auroc')}"
+              + (f"; its AUROC is {100 * fraction['value']:.1f}% [{100 * _num(fraction['low']):.1f}, "
+                 f"{100 * _num(fraction['high']):.1f}] of the model's own." if fraction else "."), ""]
+    if bal and resamples:
+        auroc = comparisons.get("auroc", {})
+        lines += [f"Indistinguishable from it in balanced accuracy (the 95% interval of the difference includes 0): "
+                  f"layers {_layers_text(bal.get('indistinguishable_from_best', []))}.",
+                  f"By AUROC the best layer is {auroc.get('best_layer')}; indistinguishable from it: layers "
+                  f"{_layers_text(auroc.get('indistinguishable_from_best', []))}.", ""]
+
+    if baselines:
+        lines += ["## Compared with the baselines", "", "Held-out balanced set; baseline thresholds chosen on the "
+                  "training positions, probes at 0.5.", "",
+                  "| predictor | balanced accuracy | AUROC |", "|---|---|---|",
+                  f"| probe, layer {best_layer} | {_with_ci(best, 'balanced_accuracy')} | {_with_ci(best, 'auroc')} |"]
+        lens = best.get("logit_lens", {}).get("eval")
+        for name in ("model", "logit_lens", "token_stats", "majority"):
+            entry = lens if name == "logit_lens" else baselines.get(name, {}).get("sets", {}).get("eval")
+            if entry:
+                label = BASELINE_LABELS[name] + (f", layer {best_layer}" if name == "logit_lens" else "")
+                lines.append(f"| {label} | {_with_ci(entry, 'balanced_accuracy')} | {_with_ci(entry, 'auroc')} |")
+        lines.append("")
+        for metric, metric_label in METRICS:
+            vs = comparisons.get(metric, {}).get("best_minus_baselines", {})
+            for name, d in vs.items():
+                verdict = ("higher than" if d["significant"] and d["difference"] > 0 else
+                           "lower than" if d["significant"] else "indistinguishable from")
+                lines.append(f"- {metric_label}: the probe at layer {comparisons[metric]['best_layer']} is {verdict} "
+                             f"the {BASELINE_LABELS[name]} ({_signed(d)}).")
+        per_layer = bal.get("layer_minus_baselines", {})
+        if per_layer:
+            not_above = [int(k) for k, v in per_layer.items()
+                         if "token_stats" in v and not (v["token_stats"]["significant"] and v["token_stats"]["difference"] > 0)]
+            above_lens = [int(k) for k, v in per_layer.items()
+                          if "logit_lens" in v and v["logit_lens"]["significant"] and v["logit_lens"]["difference"] > 0]
+            lines += [f"- Layers whose probe does NOT beat token statistics in balanced accuracy: {_layers_text(not_above)}.",
+                      f"- Layers whose probe beats that layer's logit lens in balanced accuracy: {_layers_text(above_lens)}."]
+        lines.append("")
+
+    if bal.get("pairs"):
+        pairs = bal["pairs"]
+        steps = [d for d in pairs if d["b"] == _next_layer(d["a"], by_layer) and d["significant"]]
+        drops = [d for d in pairs if d["a"] < d["b"] and d["significant"] and d["difference"] > 0]
+        lines += ["## Which layer differences are real", "",
+                  "Differences in balanced accuracy whose paired 95% interval excludes 0.", "",
+                  "- Steps between neighbouring layers: " + ("; ".join(
+                      f"{d['a']}→{d['b']} {-d['difference']:+.3f}" for d in steps) or "none") + ".",
+                  "- Drops (a later layer significantly below an earlier one): " + ("; ".join(
+                      f"{d['b']} below {d['a']} by {d['difference']:.3f} [{d['low']:.3f}, {d['high']:.3f}]"
+                      for d in drops) or "none") + ".",
+                  f"- Of {len(pairs)} layer pairs, {sum(d['significant'] for d in pairs)} differ beyond their "
+                  "interval; the rest are indistinguishable.", ""]
+
+    lines += ["## Per layer", "", "| layer | probe bal. acc. | probe AUROC | AUROC / model's | logit lens bal. acc. "
+              "| logit lens AUROC | natural-ratio AUROC |", "|---|---|---|---|---|---|---|"]
+    for r in layers:
+        frac = r.get("auroc_fraction_of_model", {}).get("eval")
+        lens = r.get("logit_lens", {}).get("eval", {})
+        nat = r.get("sets", {}).get("eval_natural", {})
+        lines.append(
+            f"| {r['layer']} | {_with_ci(r, 'balanced_accuracy')} | {_with_ci(r, 'auroc')} | "
+            + (f"{_f(frac['value'])} [{_f(frac['low'])}, {_f(frac['high'])}]" if frac else "n/a") + " | "
+            + (f"{_with_ci(lens, 'balanced_accuracy')} | {_with_ci(lens, 'auroc')}" if lens else "n/a | n/a")
+            + f" | {_with_ci(nat, 'auroc')} |")
+    for name in ("model", "token_stats", "majority"):
+        entry = baselines.get(name, {}).get("sets", {})
+        if entry.get("eval"):
+            lines.append(f"| {BASELINE_LABELS[name]} | {_with_ci(entry['eval'], 'balanced_accuracy')} | "
+                         f"{_with_ci(entry['eval'], 'auroc')} | | | | {_with_ci(entry.get('eval_natural', {}), 'auroc')} |")
+    lines.append("")
+    return "\n".join(lines)
+
+
+def _next_layer(layer: int, by_layer: dict[int, Any]) -> int | None:
+    later = [other for other in by_layer if other > layer]
+    return min(later) if later else None
+
+
+# ---------------------------------------------------------------------------------------------- plot
+
+
+def _run_labels(runs: list[tuple[Path, dict[str, Any]]]) -> list[str]:
+    """Short labels naming only what differs between the runs (task, target, corpus, model, ...)."""
+    def facets(run_dir: Path, results: dict[str, Any]) -> dict[str, str]:
+        run = results["run"]
+        return {"task": run["config"].get("task", ""), "target": repr(run.get("target", {}).get("text", "")),
+                "corpus": run["corpus"]["name"], "model": run["model"]["name"],
+                "ctx": f"ctx{run['config'].get('context_length')}"}
+    all_facets = [facets(d, r) for d, r in runs]
+    varying = [k for k in all_facets[0] if len({f[k] for f in all_facets}) > 1]
+    if not varying:
+        return [d.name for d, _ in runs]
+    return [" ".join(f[k] for k in varying) for f in all_facets]
+
+
+def plot(runs: list[tuple[Path, dict[str, Any]]], path: Path) -> None:
+    """Probe balanced accuracy and AUROC per layer with 95% bands; the baselines as lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = _run_labels(runs) if len(runs) > 1 else [""]
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5.2), constrained_layout=True)
+    cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, (metric, metric_label) in zip(axes, METRICS):
+        for i, ((_, results), label) in enumerate(zip(runs, labels)):
+            # One run: a colour per predictor. Several: a colour per run, a line style per predictor.
+            colour = cycle[i % len(cycle)]
+            colours = ({"probe": cycle[0], "logit_lens": cycle[1], "model": cycle[2], "token_stats": cycle[3]}
+                       if len(runs) == 1 else dict.fromkeys(("probe", "logit_lens", "model", "token_stats"), colour))
+            prefix = f"{label}: " if label else ""
+            layers = results["layers"]
+            x = [r["layer"] for r in layers]
+
+            def band(entries, colour=colours["probe"]):
+                low = [_num(e.get(f"{metric}_low")) for e in entries]
+                high = [_num(e.get(f"{metric}_high")) for e in entries]
+                if not all(math.isnan(v) for v in low):
+                    ax.fill_between(x, low, high, color=colour, alpha=0.18, linewidth=0)
+
+            ax.plot(x, [_num(r.get(metric)) for r in layers], "o-", color=colours["probe"], markersize=4,
+                    label=f"{prefix}probe")
+            band(layers)
+            lens = [r.get("logit_lens", {}).get("eval") for r in layers]
+            if all(lens):
+                ax.plot(x, [_num(e.get(metric)) for e in lens], "s--", color=colours["logit_lens"], markersize=3,
+                        label=f"{prefix}logit lens")
+                low = [_num(e.get(f"{metric}_low")) for e in lens]
+                if not all(math.isnan(v) for v in low):
+                    ax.fill_between(x, low, [_num(e.get(f"{metric}_high")) for e in lens],
+                                    color=colours["logit_lens"], alpha=0.12, linewidth=0)
+            for name, style in (("model", ":"), ("token_stats", "-."), ("majority", (0, (1, 4)))):
+                entry = results.get("baselines", {}).get(name, {}).get("sets", {}).get("eval")
+                if not entry:
+                    continue
+                value = _num(entry.get(metric))
+                line_colour = "0.45" if name == "majority" else colours[name]
+                ax.axhline(value, color=line_colour, linestyle=style, linewidth=1.6,
+                           label=f"{prefix}{BASELINE_LABELS[name]} ({value:.3f})")
+                low, high = _num(entry.get(f"{metric}_low")), _num(entry.get(f"{metric}_high"))
+                if name != "majority" and not math.isnan(low):
+                    ax.axhspan(low, high, color=line_colour, alpha=0.1, linewidth=0)
+        ax.set_xlabel("layer (0 = embedding output)")
+        ax.set_ylabel(f"{metric_label} (held-out, balanced)")
+        ax.set_title(f"{metric_label} per layer, 95% bootstrap bands over held-out chunks", fontsize=10)
+        ax.grid(alpha=0.3)
+        all_x = sorted({r["layer"] for _, res in runs for r in res["layers"]})
+        if len(all_x) <= 40:
+            ax.set_xticks(all_x)
+        ax.legend(fontsize=8, loc="lower right")
+    first = runs[0][1]["run"]
+    fig.suptitle(f"tokenprobe: {first['model']['name']}, task {first['config'].get('task')} "
+                 f"{first.get('target', {}).get('text', '')!r}" + (f" ({len(runs)} runs)" if len(runs) > 1 else ""),
+                 fontsize=11)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+# ------------------------------------------------------------------------------------------ writing
+
+
+def write_report(run_dir: Path) -> tuple[Path, Path]:
+    """Writes report.md and plot.png into one run folder, from its results.json."""
+    run_dir = Path(run_dir)
+    results = load_results(run_dir)
+    plot([(run_dir, results)], run_dir / PLOT)
+    atomic_write_bytes(run_dir / REPORT, render_markdown(results).encode("utf-8"))
+    return run_dir / REPORT, run_dir / PLOT
+
+
+def build_report(run_dirs: list[Path], out: Path | None = None) -> tuple[Path, Path]:
+    """One run: rebuilds its report (into `out`, default the run folder). Several: one combined report
+    and plot in `out` (default ./tokenprobe-report), with a section per run."""
+    run_dirs = [Path(d) for d in run_dirs]
+    runs = [(d, load_results(d)) for d in run_dirs]
+    if len(runs) == 1:
+        out = Path(out) if out else run_dirs[0]
+        out.mkdir(parents=True, exist_ok=True)
+        plot(runs, out / PLOT)
+        atomic_write_bytes(out / REPORT, render_markdown(runs[0][1]).encode("utf-8"))
+        return out / REPORT, out / PLOT
+    out = Path(out) if out else Path("tokenprobe-report")
+    out.mkdir(parents=True, exist_ok=True)
+    plot(runs, out / PLOT)
+    labels = _run_labels(runs)
+    parts = [f"# tokenprobe report: {len(runs)} runs", "", f"![probe and baselines per layer]({PLOT})", ""]
+    for (run_dir, results), label in zip(runs, labels):
+        parts += [f"# {label} (`{run_dir}`)", "", render_markdown(results, plot_name=None, title=False)]
+    atomic_write_bytes(out / REPORT, "\n".join(parts).encode("utf-8"))
+    return out / REPORT, out / PLOT

@@ -1,0 +1,176 @@
+"""95% intervals by bootstrap over held-out CHUNKS, and paired tests of layer differences.
+
+Neighbouring positions of one chunk are not independent (they share a text), so resampling
+positions would give intervals that are too narrow. Each bootstrap resample draws whole chunks with
+replacement; a position then counts as often as its chunk was drawn. Every scorer (the probe of
+each layer, each baseline) is evaluated on the SAME resamples, which makes differences between
+them paired: a difference whose own 95% interval excludes zero is larger than the noise.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from tokenprobe.metrics import BinaryMetrics, binary_metrics
+
+INTERVAL_METRICS = ("balanced_accuracy", "accuracy", "auroc")
+LEVEL = 0.95
+BLOCK = 100  # resamples evaluated at once (bounds memory: BLOCK x positions float64 weights)
+
+
+def chunk_weights(chunk: np.ndarray, samples: int, rng: np.random.Generator) -> np.ndarray:
+    """(samples, positions) weights: how often each position's chunk was drawn in each resample."""
+    unique, inverse = np.unique(chunk, return_inverse=True)
+    k = len(unique)
+    draws = rng.integers(0, k, size=(samples, k)) + (np.arange(samples) * k)[:, None]
+    counts = np.bincount(draws.ravel(), minlength=samples * k).reshape(samples, k)
+    return counts[:, inverse].astype(np.float64)
+
+
+def weighted_auroc(weights: np.ndarray, labels: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """AUROC under each row of `weights` (ties count one half), as sklearn's roc_auc_score with weights."""
+    order = np.argsort(scores, kind="stable")
+    s, y, w = scores[order], labels[order].astype(bool), weights[:, order]
+    starts = np.flatnonzero(np.r_[True, s[1:] != s[:-1]])
+    wp = np.add.reduceat(w * y, starts, axis=1)
+    wn = np.add.reduceat(w * ~y, starts, axis=1)
+    below = np.cumsum(wn, axis=1) - wn
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return (wp * (below + 0.5 * wn)).sum(axis=1) / (wp.sum(axis=1) * wn.sum(axis=1))
+
+
+def weighted_metrics(weights: np.ndarray, labels: np.ndarray, scores: np.ndarray, threshold: float) -> dict[str, np.ndarray]:
+    """Every metric of INTERVAL_METRICS under each row of `weights`; NaN where a class is missing."""
+    y = labels.astype(bool)
+    predicted = scores >= threshold
+    positives, negatives = weights @ y, weights @ ~y
+    tp, tn = weights @ (y & predicted), weights @ (~y & ~predicted)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        balanced = 0.5 * (tp / positives + tn / negatives)
+        accuracy = (tp + tn) / (positives + negatives)
+    both = (positives > 0) & (negatives > 0)
+    return {
+        "balanced_accuracy": np.where(both, balanced, np.nan),
+        "accuracy": accuracy,
+        "auroc": np.where(both, weighted_auroc(weights, y, scores), np.nan),
+    }
+
+
+def interval(values: np.ndarray, level: float = LEVEL) -> tuple[float, float]:
+    """Percentile interval of a bootstrap distribution (NaN resamples ignored)."""
+    values = np.asarray(values, dtype=np.float64)
+    if not np.isfinite(values).any():
+        return (float("nan"), float("nan"))
+    tail = 100 * (1 - level) / 2
+    low, high = np.nanpercentile(values, [tail, 100 - tail])
+    return (float(low), float(high))
+
+
+@dataclass(frozen=True)
+class Scorer:
+    """Scores of one predictor at every position of a PositionSet (NaN where it was not computed)."""
+
+    scores: np.ndarray
+    threshold: float
+
+
+@dataclass(frozen=True)
+class Difference:
+    """Paired bootstrap comparison of two scorers on one metric: a minus b."""
+
+    a: str
+    b: str
+    metric: str
+    difference: float
+    low: float
+    high: float
+
+    @property
+    def significant(self) -> bool:
+        """True when the 95% interval of the difference excludes zero."""
+        return bool(self.low > 0 or self.high < 0)
+
+    def to_dict(self) -> dict:
+        return {"a": self.a, "b": self.b, "metric": self.metric, "difference": self.difference,
+                "low": self.low, "high": self.high, "significant": self.significant}
+
+
+@dataclass
+class Evaluation:
+    """Point metrics, bootstrap distributions and intervals of several scorers on several sets."""
+
+    metrics: dict[str, dict[str, BinaryMetrics]] = field(default_factory=dict)  # scorer -> set -> metrics
+    samples: dict[str, dict[str, dict[str, np.ndarray]]] = field(default_factory=dict)  # scorer -> set -> metric
+    chunks: dict[str, int] = field(default_factory=dict)  # set -> held-out chunks resampled
+    resamples: int = 0
+
+    def interval(self, scorer: str, subset: str, metric: str) -> tuple[float, float]:
+        dist = self.samples.get(scorer, {}).get(subset, {}).get(metric)
+        return interval(dist) if dist is not None else (float("nan"), float("nan"))
+
+    def intervals(self, scorer: str, subset: str) -> dict[str, tuple[float, float]]:
+        return {m: self.interval(scorer, subset, m) for m in INTERVAL_METRICS if self.samples.get(scorer, {}).get(subset)}
+
+    def ratio(self, numerator: str, denominator: str, subset: str, metric: str = "auroc") -> tuple[float, float, float]:
+        """numerator/denominator of a metric (e.g. probe AUROC as a fraction of the model's), paired interval."""
+        point = getattr(self.metrics[numerator][subset], metric) / getattr(self.metrics[denominator][subset], metric)
+        a = self.samples.get(numerator, {}).get(subset, {}).get(metric)
+        b = self.samples.get(denominator, {}).get(subset, {}).get(metric)
+        low, high = interval(a / b) if a is not None and b is not None else (float("nan"), float("nan"))
+        return float(point), low, high
+
+    def difference(self, a: str, b: str, subset: str, metric: str) -> Difference:
+        point = getattr(self.metrics[a][subset], metric) - getattr(self.metrics[b][subset], metric)
+        da = self.samples.get(a, {}).get(subset, {}).get(metric)
+        db = self.samples.get(b, {}).get(subset, {}).get(metric)
+        low, high = interval(da - db) if da is not None and db is not None else (float("nan"), float("nan"))
+        return Difference(a, b, metric, float(point), low, high)
+
+
+def evaluate(
+    scorers: dict[str, Scorer],
+    labels: np.ndarray,
+    chunk: np.ndarray,
+    index: dict[str, np.ndarray],
+    resamples: int = 1000,
+    seed: int = 0,
+    only: dict[str, tuple[str, ...]] | None = None,
+) -> Evaluation:
+    """Metrics of every scorer on every set of `index` (set -> position indices), with 95% intervals.
+
+    A scorer is evaluated on a set only where it has finite scores at all of that set's positions
+    (and, if `only` names the scorer, only on the sets listed there). All scorers of one set share
+    the same chunk resamples, so their differences are paired.
+    """
+    result = Evaluation(resamples=resamples)
+    only = only or {}
+    for subset, idx in index.items():
+        idx = np.asarray(idx)
+        y = labels[idx]
+        present = {name: s for name, s in scorers.items() if len(idx) and subset in only.get(name, (subset,))
+                   and np.isfinite(s.scores[idx]).all()}
+        for name, s in present.items():
+            result.metrics.setdefault(name, {})[subset] = binary_metrics(y, s.scores[idx], s.threshold)
+        result.chunks[subset] = int(len(np.unique(chunk[idx])))
+        if resamples <= 0 or not present:
+            continue
+        # One generator per set, seeded independently of the scorers, so every scorer sees the same resamples.
+        rng = np.random.default_rng([seed, zlib.crc32(subset.encode())])
+        parts: dict[str, dict[str, list[np.ndarray]]] = {name: {m: [] for m in INTERVAL_METRICS} for name in present}
+        for start in range(0, resamples, BLOCK):
+            weights = chunk_weights(chunk[idx], min(BLOCK, resamples - start), rng)
+            for name, s in present.items():
+                for metric, values in weighted_metrics(weights, y, s.scores[idx], s.threshold).items():
+                    parts[name][metric].append(values)
+        for name in present:
+            result.samples.setdefault(name, {})[subset] = {m: np.concatenate(v) for m, v in parts[name].items()}
+    return result
+
+
+def pairwise_differences(evaluation: Evaluation, names: list[str], subset: str, metric: str) -> list[Difference]:
+    """Every pair (a, b) of `names` with a before b, each with its paired 95% interval."""
+    return [evaluation.difference(a, b, subset, metric)
+            for i, a in enumerate(names) for b in names[i + 1:]]

@@ -1,0 +1,407 @@
+"""`viz`: one self-contained HTML page showing every layer's probe on every token of a text.
+
+Everything about the probes (model, layer, task, target, context length, dtype) comes from the probe
+files; the user names no layer and no model. The model named there is loaded once, checked against
+every probe (tokenizer and weight hashes, hidden size), and run once over the text, chunked to the
+probes' context length with BOS at the start of each chunk exactly as training chunked the corpus.
+That single pass feeds all probes, so the page carries the probabilities of every layer.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from tokenprobe.activations import LayerCapture
+from tokenprobe.errors import TokenprobeError
+from tokenprobe.files import atomic_write_bytes, default_cache_dir, json_safe
+from tokenprobe.models import LoadedModel, load_model
+from tokenprobe.probes import LinearProbe, load_probe
+
+# Probe metadata that must agree across all probes shown on one page.
+SHARED_KEYS = ("model_source", "weights_hash", "tokenizer_hash", "task", "target_ids", "context_length", "dtype")
+PAGE_TEMPLATE = Path(__file__).with_name("viz_page.html")
+
+
+@dataclass
+class Document:
+    """One text shown on the page: its pieces in order, each a string and the token index it
+    belongs to (-1 for text between tokens that no token covers)."""
+
+    title: str | None
+    pieces: list[tuple[str, int]]
+
+
+@dataclass
+class VizResult:
+    path: Path | None
+    data: dict[str, Any]  # what the page embeds
+    layers: list[int]
+    token_ids: np.ndarray  # (n_tokens,) the tokens shown, BOS excluded
+    probabilities: np.ndarray  # (n_layers, n_tokens) float32, NaN where the hidden state was not finite
+    labels: list[bool | None]  # does the target truly follow (next) / is this the target (current)
+
+
+# -------------------------------------------------------------------------------------------- probes
+
+
+def probe_files(sources: list[str | Path]) -> list[Path]:
+    """Expands run folders (their ``probes/*.safetensors``) and probe files into a list of files."""
+    files: list[Path] = []
+    for source in sources:
+        path = Path(source)
+        if path.is_dir():
+            found = sorted((path / "probes").glob("*.safetensors")) or sorted(path.glob("*.safetensors"))
+            if not found:
+                raise TokenprobeError(
+                    f"{path} holds no probe files (looked in {path / 'probes'} and {path}); "
+                    "pass a run folder written by `tokenprobe train` or .safetensors probe files"
+                )
+            files.extend(found)
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise TokenprobeError(f"{path} is neither a run folder nor a probe file")
+    return files
+
+
+def load_probe_set(sources: list[str | Path]) -> list[LinearProbe]:
+    """Loads the probes, sorted by layer; they must come from one model, task, target and context."""
+    probes = [load_probe(path) for path in probe_files(sources)]
+    by_layer: dict[int, LinearProbe] = {}
+    first = probes[0].metadata
+    for probe in probes:
+        meta = probe.metadata
+        if not isinstance(meta.get("layer"), int):
+            raise TokenprobeError(f"probe {meta.get('run_name')} has no layer in its metadata; retrain it")
+        for key in SHARED_KEYS:
+            if meta.get(key) != first.get(key):
+                raise TokenprobeError(
+                    f"probes disagree on {key}: {first.get(key)!r} (layer {first['layer']}) vs {meta.get(key)!r} "
+                    f"(layer {meta['layer']}); show the probes of one run on a page"
+                )
+        if meta["layer"] in by_layer:
+            raise TokenprobeError(f"two probes for layer {meta['layer']}; pass each layer's probe once")
+        by_layer[meta["layer"]] = probe
+    return [by_layer[layer] for layer in sorted(by_layer)]
+
+
+def check_probes_fit(probes: list[LinearProbe], loaded: LoadedModel) -> None:
+    for probe in probes:
+        try:
+            probe.check_compatible(loaded)
+        except TokenprobeError as exc:
+            raise TokenprobeError(f"layer {probe.layer} probe does not fit: {exc}") from None
+        if not 0 <= probe.layer <= loaded.num_layers:
+            raise TokenprobeError(
+                f"layer {probe.layer} probe does not fit: {loaded.source!r} has layers 0 to {loaded.num_layers}"
+            )
+        if probe.weight.shape[-1] != loaded.hidden_size:
+            raise TokenprobeError(
+                f"layer {probe.layer} probe has width {probe.weight.shape[-1]}, model {loaded.source!r} has "
+                f"{loaded.hidden_size}; use the model named in the probe file"
+            )
+
+
+# --------------------------------------------------------------------------------------------- texts
+
+
+def _pieces_from_offsets(text: str, offsets: list[tuple[int, int]]) -> list[tuple[str, int]]:
+    """Splits `text` by token offsets; a character split over several tokens goes to the first."""
+    pieces: list[tuple[str, int]] = []
+    cursor = 0
+    for index, (start, end) in enumerate(offsets):
+        start = max(start, cursor)
+        if start > cursor:
+            pieces.append((text[cursor:start], -1))
+        end = max(end, start)
+        pieces.append((text[start:end], index))
+        cursor = end
+    if cursor < len(text):
+        pieces.append((text[cursor:], -1))
+    return pieces
+
+
+def _pieces_from_decoding(tokenizer, ids: list[int], first_index: int) -> list[tuple[str, int]]:
+    """Each token's text as what it adds to the decoded prefix (bytes of a split character wait
+    until the character is complete, so those tokens show as empty)."""
+    pieces = []
+    committed = ""
+    for i in range(len(ids)):
+        decoded = tokenizer.decode(ids[: i + 1], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        if decoded.endswith("\ufffd"):
+            piece = ""
+        elif decoded.startswith(committed):
+            piece = decoded[len(committed):]
+            committed = decoded
+        else:
+            piece = tokenizer.decode([ids[i]], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+            committed = decoded
+        pieces.append((piece, first_index + i))
+    return pieces
+
+
+def tokenize_text(tokenizer, text: str) -> tuple[list[int], list[tuple[str, int]]]:
+    """Token ids of `text` (no special tokens, as training tokenized documents) and its pieces."""
+    if getattr(tokenizer, "is_fast", False):
+        encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids = list(encoded["input_ids"])
+        return ids, _pieces_from_offsets(text, [tuple(o) for o in encoded["offset_mapping"]])
+    ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return ids, _pieces_from_decoding(tokenizer, ids, 0)
+
+
+def chunk_ids(ids: list[int], context_length: int, bos_id: int | None) -> list[np.ndarray]:
+    """Consecutive chunks of at most `context_length` tokens, each starting with BOS (as training)."""
+    body = context_length - (1 if bos_id is not None else 0)
+    prefix = [bos_id] if bos_id is not None else []
+    return [np.asarray(prefix + ids[i : i + body], dtype=np.int64) for i in range(0, len(ids), body)]
+
+
+# ----------------------------------------------------------------------------------- forward pass
+
+
+def layer_probabilities(
+    loaded: LoadedModel, probes: list[LinearProbe], chunks: list[np.ndarray], batch_size: int = 8
+) -> list[np.ndarray]:
+    """For each chunk, a (n_layers, chunk_length) float32 array of every probe's probability.
+
+    One forward pass per batch of equal-length chunks, stopped after the deepest probe's layer.
+    Positions whose hidden state is not finite get NaN.
+    """
+    layers = [p.layer for p in probes]
+    out: list[np.ndarray | None] = [None] * len(chunks)
+    by_length: dict[int, list[int]] = {}
+    for i, chunk in enumerate(chunks):
+        by_length.setdefault(len(chunk), []).append(i)
+    with LayerCapture(loaded, layers) as capture, torch.inference_mode():
+        for length, members in by_length.items():
+            for b in range(0, len(members), batch_size):
+                batch = members[b : b + batch_size]
+                input_ids = torch.from_numpy(np.stack([chunks[i] for i in batch])).to(loaded.device)
+                rows = torch.arange(len(batch), device=loaded.device).repeat_interleave(length)
+                cols = torch.arange(length, device=loaded.device).repeat(len(batch))
+                captured, _ = capture.run(loaded.model, input_ids, rows, cols)
+                probs = np.empty((len(layers), len(batch) * length), dtype=np.float32)
+                for j, probe in enumerate(probes):
+                    hidden = captured[probe.layer].cpu()
+                    p = probe.predict_proba(hidden)
+                    p[~torch.isfinite(hidden).all(dim=-1)] = float("nan")
+                    probs[j] = p.numpy()
+                for k, i in enumerate(batch):
+                    out[i] = probs[:, k * length : (k + 1) * length]
+    return out  # type: ignore[return-value]
+
+
+# ------------------------------------------------------------------------------------------- sources
+
+
+@dataclass
+class _Prepared:
+    documents: list[Document]
+    chunks: list[np.ndarray]  # model input, BOS included
+    token_ids: list[int]  # shown tokens, in order
+    token_chunk: list[int]  # index into `chunks` of each shown token
+    token_pos: list[int]  # position of each shown token in its chunk
+    next_ids: list[int | None]  # the token that truly follows each shown token (None: unknown)
+
+
+def _prepare_texts(texts: list[tuple[str | None, str]], tokenizer, context_length: int) -> _Prepared:
+    bos = tokenizer.bos_token_id
+    prep = _Prepared([], [], [], [], [], [])
+    for title, text in texts:
+        ids, pieces = tokenize_text(tokenizer, text)
+        if not ids:
+            raise TokenprobeError("the text gives no tokens; pass some text with --text or --file")
+        offset = len(prep.token_ids)
+        prep.documents.append(Document(title, [(s, i + offset if i >= 0 else -1) for s, i in pieces]))
+        for chunk in chunk_ids(ids, context_length, bos):
+            body = len(chunk) - (1 if bos is not None else 0)
+            prep.token_chunk.extend([len(prep.chunks)] * body)
+            prep.token_pos.extend(range(len(chunk) - body, len(chunk)))
+            prep.chunks.append(chunk)
+        prep.token_ids.extend(ids)
+        prep.next_ids.extend(ids[1:] + [None])
+    return prep
+
+
+def _prepare_corpus_sample(probes: list[LinearProbe], loaded: LoadedModel, n: int, cache_dir: Path,
+                           progress: bool) -> _Prepared:
+    """`n` held-out chunks of the run's own corpus, re-created with the run's split."""
+    from tokenprobe.chunks import load_chunks
+    from tokenprobe.config import RunConfig
+    from tokenprobe.corpus import load_corpus
+    from tokenprobe.positions import split_chunks
+
+    if n < 1:
+        raise TokenprobeError(f"--corpus-sample must be at least 1, got {n}")
+    run = probes[0].metadata.get("run") or {}
+    if "config" not in run:
+        raise TokenprobeError("the probe files carry no run config, so --corpus-sample cannot find the corpus; "
+                              "use --text or --file")
+    config = RunConfig.from_dict(run["config"])
+    corpus = load_corpus(config.corpus, config.text_field, config.corpus_config, config.corpus_split)
+    expected = (run.get("corpus") or {}).get("sha256")
+    if expected and corpus.sha256 != expected:
+        raise TokenprobeError(
+            f"corpus {config.corpus} has changed since the run (sha256 {corpus.sha256[:12]}, run used "
+            f"{expected[:12]}), so its held-out chunks cannot be found again; use --text or --file"
+        )
+    context_length = probes[0].metadata["context_length"]
+    chunks, _ = load_chunks(corpus, loaded.tokenizer, loaded.tokenizer_hash, context_length, cache_dir, progress)
+    max_chunks = config.max_tokens // context_length if config.max_tokens else None
+    split = split_chunks(len(chunks), config.eval_fraction, config.seed, max_chunks)
+    bos = loaded.tokenizer.bos_token_id
+    has_bos = bos is not None and bool((chunks[:, 0] == bos).all())
+    start = 1 if has_bos else 0
+    if n > len(split.eval):
+        print(f"warning: the run holds out {len(split.eval)} chunks; showing all of them", file=sys.stderr)
+    prep = _Prepared([], [], [], [], [], [])
+    for c in split.eval[:n]:
+        c = int(c)
+        body = [int(t) for t in chunks[c, start:]]
+        offset = len(prep.token_ids)
+        pieces = _pieces_from_decoding(loaded.tokenizer, body, offset)
+        prep.documents.append(Document(f"held-out chunk {c} of {corpus.name}", pieces))
+        prep.token_chunk.extend([len(prep.chunks)] * len(body))
+        prep.token_pos.extend(range(start, start + len(body)))
+        prep.chunks.append(np.asarray(chunks[c], dtype=np.int64))
+        prep.token_ids.extend(body)
+        following = int(chunks[c + 1, start]) if c + 1 < len(chunks) else None  # the stream is contiguous
+        prep.next_ids.extend(body[1:] + [following])
+    return prep
+
+
+# ----------------------------------------------------------------------------------------- the page
+
+
+def _metrics_of(probe: LinearProbe) -> dict[str, Any]:
+    metrics = probe.metadata.get("metrics") or {}
+    keep = ("balanced_accuracy", "auroc", "accuracy", "n", "positives")
+    return {name: {k: m.get(k) for k in keep} for name, m in metrics.items() if name in ("eval", "eval_natural")}
+
+
+def page_data(probes: list[LinearProbe], prep: _Prepared, probabilities: np.ndarray, labels: list[bool | None],
+              model_probabilities: list[float | None] | None = None) -> dict[str, Any]:
+    """Everything the page shows, JSON-ready (NaN becomes null)."""
+    meta = probes[0].metadata
+    return json_safe({
+        "model": meta.get("model"),
+        "model_source": meta.get("model_source"),
+        "task": meta.get("task"),
+        "target": meta.get("target"),
+        "target_ids": meta.get("target_ids"),
+        "context_length": meta.get("context_length"),
+        "dtype": meta.get("dtype"),
+        "run_name": (meta.get("run") or {}).get("sweep_name") or meta.get("run_name"),
+        "layers": [p.layer for p in probes],
+        "metrics": [_metrics_of(p) for p in probes],
+        "documents": [{"title": d.title, "pieces": [[s, i] for s, i in d.pieces]} for d in prep.documents],
+        "tokens": {
+            "id": prep.token_ids,
+            "chunk": prep.token_chunk,
+            "pos": prep.token_pos,
+            "label": [None if v is None else int(v) for v in labels],
+            "model_prob": model_probabilities,
+        },
+        "probs": [[None if not np.isfinite(v) else round(float(v), 5) for v in row] for row in probabilities],
+    })
+
+
+def embed_json(data: Any) -> str:
+    """JSON safe to place inside <script>: no '<', '>' or '&' survive, so '</script>' cannot close it."""
+    text = json.dumps(json_safe(data), ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+    return text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+
+
+def render_html(data: dict[str, Any]) -> str:
+    title = f"tokenprobe: {data.get('model')} {data.get('task')} {data.get('target')!r}"
+    template = PAGE_TEMPLATE.read_text(encoding="utf-8")
+    return template.replace("{{TITLE}}", html.escape(title)).replace("{{DATA}}", embed_json(data))
+
+
+def default_out(sources: list[str | Path]) -> Path:
+    if len(sources) == 1 and Path(sources[0]).is_dir():
+        return Path(sources[0]) / "viz.html"
+    return Path("tokenprobe-viz.html")
+
+
+def visualize(
+    sources: list[str | Path],
+    *,
+    text: str | None = None,
+    file: str | Path | None = None,
+    corpus_sample: int | None = None,
+    out: str | Path | None = None,
+    device: str = "auto",
+    cache_dir: str | Path | None = None,
+    loaded: LoadedModel | None = None,
+    progress: bool = False,
+    write: bool = True,
+) -> VizResult:
+    """Runs the probes in `sources` (run folders or probe files) over one text and writes the page.
+
+    Give exactly one of `text`, `file` or `corpus_sample` (held-out chunks of the run's corpus).
+    Pass `loaded` to reuse a model; it is checked against every probe all the same.
+    """
+    if sum(x is not None for x in (text, file, corpus_sample)) != 1:
+        raise TokenprobeError("give exactly one of --text, --file or --corpus-sample")
+    if not sources:
+        raise TokenprobeError("name a run folder or probe files to visualise")
+    cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
+    probes = load_probe_set(sources)
+    meta = probes[0].metadata
+    if loaded is None:
+        if progress:
+            print(f"Loading model {meta['model_source']} ({meta['dtype']}) named in the probe files ...",
+                  file=sys.stderr)
+        loaded = load_model(meta["model_source"], meta.get("dtype") or "auto", device, cache_dir)
+    check_probes_fit(probes, loaded)
+
+    context_length = int(meta["context_length"])
+    if corpus_sample is not None:
+        prep = _prepare_corpus_sample(probes, loaded, corpus_sample, cache_dir, progress)
+    else:
+        if file is not None:
+            path = Path(file)
+            try:
+                text = path.read_text(encoding="utf-8")
+            except FileNotFoundError:
+                raise TokenprobeError(f"--file {path} not found") from None
+            except UnicodeDecodeError as exc:
+                raise TokenprobeError(f"--file {path} is not UTF-8 text (byte {exc.start}); convert it") from None
+            title = path.name
+        else:
+            title = None
+        if not text or not text.strip():
+            raise TokenprobeError("the text is empty; pass some text with --text or --file")
+        prep = _prepare_texts([(title, text)], loaded.tokenizer, context_length)
+
+    per_chunk = layer_probabilities(loaded, probes, prep.chunks)
+    probabilities = np.empty((len(probes), len(prep.token_ids)), dtype=np.float32)
+    for t, (c, pos) in enumerate(zip(prep.token_chunk, prep.token_pos)):
+        probabilities[:, t] = per_chunk[c][:, pos]
+    target_id = int(meta["target_ids"][0])
+    if meta["task"] == "current":
+        labels: list[bool | None] = [tid == target_id for tid in prep.token_ids]
+    else:
+        labels = [None if nxt is None else nxt == target_id for nxt in prep.next_ids]
+
+    data = page_data(probes, prep, probabilities, labels)
+    path = None
+    if write:
+        path = Path(out) if out is not None else default_out(sources)
+        try:
+            atomic_write_bytes(path, render_html(data).encode("utf-8"))
+        except OSError as exc:
+            raise TokenprobeError(f"cannot write the page to {path}: {exc.strerror or exc}") from exc
+    return VizResult(path=path, data=data, layers=[p.layer for p in probes],
+                     token_ids=np.asarray(prep.token_ids, dtype=np.int64), probabilities=probabilities,
+                     labels=labels)

@@ -1,0 +1,114 @@
+"""Baselines against direct computations through the full model, and token statistics by hand."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from tokenprobe import load_model
+from tokenprobe.activations import extract
+from tokenprobe.baselines import Unembedding, choose_threshold, token_statistics
+from tokenprobe.labels import resolve_target
+from tokenprobe.positions import PositionSet
+
+
+def _probe_positions(n_chunks: int, length: int) -> PositionSet:
+    chunk = np.repeat(np.arange(n_chunks), length - 1)
+    position = np.tile(np.arange(1, length), n_chunks)
+    return PositionSet(chunk=chunk, position=position, label=np.zeros(len(chunk), bool),
+                       subset=np.ones(len(chunk), np.int8))
+
+
+@pytest.fixture(scope="module")
+def loaded_models(tiny_model_dirs):
+    return {arch: load_model(str(d), "float32", "cpu") for arch, d in tiny_model_dirs.items()}
+
+
+def _inputs(loaded, n_chunks=3, length=24):
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, len(loaded.tokenizer), (n_chunks, length), generator=g)
+    return ids
+
+
+@pytest.mark.parametrize("arch", ["gemma3", "llama", "gpt2"])
+def test_logit_lens_equals_final_norm_and_target_row_through_the_model(loaded_models, arch):
+    loaded = loaded_models[arch]
+    target = resolve_target(loaded.tokenizer, " the").token_id
+    ids = _inputs(loaded)
+    positions = _probe_positions(*ids.shape)
+    layers = list(range(loaded.num_layers + 1))
+    acts = extract(loaded, ids.numpy(), positions, layers, batch_size=2, progress=False)
+    unembed = Unembedding.of(loaded)
+    with torch.no_grad():
+        out = loaded.model(input_ids=ids, output_hidden_states=True)
+        head = loaded.model.get_output_embeddings()
+        norm = unembed.norm
+        for i, layer in enumerate(layers):
+            got = unembed.target_logit(acts.values[i], target)
+            if layer == loaded.num_layers:  # transformers reports the last layer after the final norm
+                direct = out.logits[positions.chunk, positions.position, target]
+            else:
+                hidden = out.hidden_states[layer][positions.chunk, positions.position]
+                direct = head(norm(hidden))[:, target]
+            np.testing.assert_allclose(got, direct.double().numpy(), rtol=1e-4, atol=1e-4)
+    assert np.std(got) > 0  # a real signal, not a constant
+
+
+@pytest.mark.parametrize("arch,softcap", [("gemma3", None), ("gemma3", 0.05), ("llama", None), ("gpt2", None)])
+def test_model_probability_equals_softmax_of_full_model_logits(loaded_models, arch, softcap):
+    loaded = loaded_models[arch]
+    config = loaded.model.config
+    old = getattr(config, "final_logit_softcapping", None)
+    if arch == "gemma3":
+        config.final_logit_softcapping = softcap
+    try:
+        target = resolve_target(loaded.tokenizer, " the").token_id
+        ids = _inputs(loaded)
+        positions = _probe_positions(*ids.shape)
+        acts = extract(loaded, ids.numpy(), positions, [loaded.num_layers], batch_size=2, progress=False)
+        unembed = Unembedding.of(loaded)
+        assert unembed.softcap == softcap
+        got = unembed.target_probability(acts.values[0], target, batch=7)
+        with torch.no_grad():
+            logits = loaded.model(input_ids=ids).logits
+        direct = torch.softmax(logits.double(), dim=-1)[positions.chunk, positions.position, target].numpy()
+        np.testing.assert_allclose(got, direct, rtol=1e-4, atol=1e-7)
+        if softcap:  # a cap small enough to matter for the tiny model's small logits
+            uncapped = torch.softmax(torch.nn.functional.linear(unembed.normed(acts.values[0]), unembed.weight)
+                                     .double(), dim=-1)[:, target].numpy()
+            assert (np.abs(uncapped - got) / got).max() > 0.01
+    finally:
+        config.final_logit_softcapping = old
+
+
+def test_token_statistics_by_hand():
+    chunks = np.array([[0, 5, 7, 5, 7, 5, 9],
+                       [0, 5, 9, 7, 5, 7, 1],
+                       [0, 7, 7, 7, 7, 7, 7]])  # chunk 2 is held out: its counts must not be used
+    labels = np.zeros_like(chunks, bool)
+    labels[:, :-1] = chunks[:, 1:] == 7  # next token is 7
+    valid = np.ones_like(chunks, bool)
+    valid[:, 0] = valid[:, -1] = False
+    table = token_statistics(chunks, labels, valid, np.array([0, 1]), prior_strength=0.0)
+    # Training positions 1..5 of chunks 0 and 1: token 5 is followed by 7 at (0,1), (0,3), (1,4); not at
+    # (0,5) (9 follows) or (1,1) (9 follows): 3 of 5. Token 7: (0,2)->5, (0,4)->5, (1,3)->5, (1,5)->1: 0 of 4.
+    # Token 9: (1,2)->7: 1 of 1.
+    assert table[5] == pytest.approx(3 / 5)
+    assert table[7] == pytest.approx(0.0)
+    assert table[9] == pytest.approx(1.0)
+    # With a pseudo-count, unseen ids get the overall rate (4 of 10) and rare ids are pulled towards it.
+    smoothed = token_statistics(chunks, labels, valid, np.array([0, 1]), prior_strength=1.0)
+    assert smoothed[1] == pytest.approx(0.4)
+    assert smoothed[9] == pytest.approx((1 + 0.4) / 2)
+
+
+def test_threshold_maximises_balanced_accuracy_on_training_scores():
+    labels = np.array([0, 0, 0, 1, 1, 1, 0, 1], bool)
+    scores = np.array([0.1, 0.2, 0.35, 0.3, 0.6, 0.9, 0.7, 0.8])
+    threshold = choose_threshold(labels, scores)
+    predicted = scores >= threshold
+    best = 0.5 * (predicted[labels].mean() + (~predicted[~labels]).mean())
+    for t in np.unique(scores):
+        p = scores >= t
+        assert 0.5 * (p[labels].mean() + (~p[~labels]).mean()) <= best + 1e-12
