@@ -39,7 +39,7 @@ from pathlib import Path
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-CONFIGS = ("bare", "tokenprobe", "recipe", "seed")
+CONFIGS = ("bare", "tokenprobe", "probes_only", "recipe", "seed")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -166,12 +166,18 @@ def run_bare(s: Setup, batch_size: int, max_batches: int | None = None) -> dict:
     return {"seconds": time.perf_counter() - t, "tokens": tokens}
 
 
-def run_tokenprobe(s: Setup, batch_size: int, max_batches: int | None = None) -> dict:
+def run_probes_only(s: Setup, batch_size: int, max_batches: int | None = None) -> dict:
+    """tokenprobe --no-baselines: the probes and their bootstrap intervals, without the model's own
+    full-vocabulary prediction and the logit lens."""
+    return run_tokenprobe(s, batch_size, max_batches, baselines=False)
+
+
+def run_tokenprobe(s: Setup, batch_size: int, max_batches: int | None = None, baselines: bool = True) -> dict:
     import dataclasses
 
     from tokenprobe.train import train
 
-    config = dataclasses.replace(s.config, batch_size=batch_size)
+    config = dataclasses.replace(s.config, batch_size=batch_size, baselines=baselines)
     if max_batches is not None:
         config.max_tokens = min(config.max_tokens, max_batches * batch_size * config.context_length)
     t = time.perf_counter()
@@ -423,7 +429,8 @@ def main(argv: list[str] | None = None) -> int:
         print("positions: " + "; ".join(f"{k} {v['positions']:,} ({v['positive']:,} positive)" for k, v in counts.items()))
         runs: dict[str, list[dict]] = {c: [] for c in CONFIGS}
         for rep in range(args.repeats):
-            for name, fn in (("bare", run_bare), ("tokenprobe", run_tokenprobe), ("recipe", run_recipe)):
+            for name, fn in (("bare", run_bare), ("tokenprobe", run_tokenprobe), ("probes_only", run_probes_only),
+                             ("recipe", run_recipe)):
                 if name in skip:
                     continue
                 r = fn(s, args.batch_size)
@@ -460,13 +467,14 @@ def summarise(args, runs, n_tok, report) -> None:
     report["median_s"] = med
     report["runs"] = runs
     print(f"\nmedians over {args.repeats} repeat(s) (seed: {args.seed_repeats}), {n_tok:,} tokens:")
-    print(f"  {'configuration':<34} {'wall s':>8} {'tok/s':>8}")
+    print(f"  {'configuration':<40} {'wall s':>8} {'tok/s':>8}")
     labels = {"bare": "bare forward (stack, no lm_head)", "tokenprobe": "tokenprobe --layers all",
+              "probes_only": "tokenprobe --layers all --no-baselines",
               "recipe": "usual recipe (hidden_states+sklearn)", "seed": f"seed's way (auto layers, {args.seed_epochs} ep)"}
     for name in CONFIGS:
         if runs[name]:
             # tokens/s over the tokens the sweep covers, so every row compares the same work
-            print(f"  {labels[name]:<34} {med[name]:8.1f} {n_tok / med[name]:8.0f}")
+            print(f"  {labels[name]:<40} {med[name]:8.1f} {n_tok / med[name]:8.0f}")
     if runs["tokenprobe"]:
         tp = runs["tokenprobe"]
         keys = [k for k in tp[0]["timings"] if k not in ("total_s", "load_model_s")]
@@ -477,11 +485,12 @@ def summarise(args, runs, n_tok, report) -> None:
               f"sklearn {median([r['seconds'] - r['forward_s'] for r in runs['recipe']]):.1f} s")
     ratios = {}
     for label, a, b in (("tokenprobe / bare forward", "tokenprobe", "bare"),
+                        ("--no-baselines / bare forward", "probes_only", "bare"),
                         ("recipe / tokenprobe", "recipe", "tokenprobe"),
                         ("seed / tokenprobe", "seed", "tokenprobe")):
         if runs[a] and runs[b]:
             ratios[label] = med[a] / med[b]
-            print(f"  {label:<26} {ratios[label]:6.2f}")
+            print(f"  {label:<30} {ratios[label]:6.2f}")
     report["ratios"] = ratios
     if runs["tokenprobe"]:
         tp_eval = runs["tokenprobe"][0]["eval"]

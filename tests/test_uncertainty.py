@@ -5,22 +5,29 @@ from __future__ import annotations
 import numpy as np
 from sklearn.metrics import roc_auc_score
 
-from tokenprobe.uncertainty import Scorer, chunk_weights, evaluate, interval, weighted_auroc
+from tokenprobe.uncertainty import Scorer, chunk_counts, evaluate, interval, resampled_metrics
 
 
-def test_weighted_auroc_matches_sklearn_with_ties_and_weights():
+def test_resampled_metrics_match_sklearn_with_chunk_weights_and_ties():
+    from sklearn.metrics import accuracy_score, balanced_accuracy_score
+
     rng = np.random.default_rng(0)
+    chunk = rng.integers(0, 23, size=300) * 7  # 23 chunks with arbitrary ids, positions interleaved
     labels = rng.random(300) < 0.3
     scores = np.round(rng.random(300) + labels * 0.4, 1)  # coarse: many ties
-    weights = rng.integers(0, 4, size=(5, 300)).astype(float)
-    got = weighted_auroc(weights, labels, scores)
-    for row, value in zip(weights, got):
-        assert np.isclose(value, roc_auc_score(labels, scores, sample_weight=row))
+    counts, inverse = chunk_counts(chunk, 6, rng)
+    got = resampled_metrics(counts, inverse, labels, scores, threshold=0.6)
+    for b, row in enumerate(counts[:, inverse]):  # each position weighted by its chunk's draw count
+        assert np.isclose(got["auroc"][b], roc_auc_score(labels, scores, sample_weight=row))
+        predicted = scores >= 0.6
+        assert np.isclose(got["balanced_accuracy"][b], balanced_accuracy_score(labels, predicted, sample_weight=row))
+        assert np.isclose(got["accuracy"][b], accuracy_score(labels, predicted, sample_weight=row))
 
 
 def test_resampling_unit_is_the_chunk():
     chunk = np.repeat([10, 20, 30, 40], [3, 1, 5, 2])
-    weights = chunk_weights(chunk, 200, np.random.default_rng(1))
+    counts, inverse = chunk_counts(chunk, 200, np.random.default_rng(1))
+    weights = counts[:, inverse]
     assert weights.shape == (200, len(chunk))
     for c in np.unique(chunk):
         block = weights[:, chunk == c]

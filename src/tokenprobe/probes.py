@@ -148,44 +148,43 @@ def fit_linear_probes(
     device: torch.device | str = "cpu",
     progress: bool = True,
 ) -> list[LinearProbe]:
-    """Logistic regression on every layer at once: `x` is (layers, n, hidden), `y` is (n,).
+    """Logistic regression per layer: `x` is (layers, n, hidden), `y` is (n,).
 
-    The layers' problems are independent, so their summed loss is minimised jointly with L-BFGS,
-    in float32, on standardised inputs with an L2 penalty on the weights.
+    Each layer is fitted on its own (L-BFGS, float32, standardised inputs, L2 penalty on the weights):
+    one layer's standardised activations stay in the CPU cache where all layers together would
+    stream from memory at every step, and each layer stops when it has converged.
     """
     device = torch.device(device)
-    x = x.to(device=device, dtype=torch.float32)
     y = y.to(device=device, dtype=torch.float32)
-    n_layers, n, hidden = x.shape
-    mean = x.mean(dim=1)
-    std = x.std(dim=1)
-    scale = torch.where(std > 1e-6, 1.0 / std.clamp_min(1e-6), torch.zeros_like(std))
-    z = (x - mean[:, None, :]) * scale[:, None, :]
-    weight = torch.zeros(n_layers, hidden, device=device, requires_grad=True)
-    bias = torch.zeros(n_layers, device=device, requires_grad=True)
     sample_weight = torch.where(y > 0.5, pos_weight, 1.0)
+    probes = []
+    with tqdm(total=x.shape[0], desc=f"Training {x.shape[0]} probe(s)", unit="probe", disable=not progress,
+              dynamic_ncols=True) as bar:
+        for layer_x in x:
+            probes.append(_fit_one(layer_x.to(device=device, dtype=torch.float32), y, sample_weight, l2, max_iter))
+            bar.update(1)
+    return probes
+
+
+def _fit_one(x: torch.Tensor, y: torch.Tensor, sample_weight: torch.Tensor, l2: float, max_iter: int) -> LinearProbe:
+    mean = x.mean(dim=0)
+    std = x.std(dim=0)
+    scale = torch.where(std > 1e-6, 1.0 / std.clamp_min(1e-6), torch.zeros_like(std))
+    z = (x - mean) * scale
+    weight = torch.zeros(x.shape[1], device=x.device, requires_grad=True)
+    bias = torch.zeros((), device=x.device, requires_grad=True)
     norm = sample_weight.sum()
     optimizer = torch.optim.LBFGS([weight, bias], lr=1.0, max_iter=max_iter, history_size=20,
                                   tolerance_grad=1e-6, tolerance_change=1e-9, line_search_fn="strong_wolfe")
-    bar = tqdm(total=optimizer.defaults["max_eval"], desc=f"Training {n_layers} probe(s)", unit="it", disable=not progress,
-               dynamic_ncols=True, mininterval=0.5)
 
     def closure() -> torch.Tensor:
         optimizer.zero_grad()
-        logits = torch.einsum("lnd,ld->ln", z, weight) + bias[:, None]
-        losses = torch.nn.functional.binary_cross_entropy_with_logits(
-            logits, y.expand_as(logits), weight=sample_weight.expand_as(logits), reduction="none"
-        )
-        loss = losses.sum() / norm + 0.5 * l2 * (weight**2).sum()
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(z @ weight + bias, y, weight=sample_weight,
+                                                                    reduction="sum")
+        loss = loss / norm + 0.5 * l2 * (weight**2).sum()
         loss.backward()
-        bar.update(1)
-        bar.set_postfix_str(f"loss/layer {loss.item() / n_layers:.4f}")
         return loss
 
-    with torch.enable_grad(), bar:
+    with torch.enable_grad():
         optimizer.step(closure)
-    return [
-        LinearProbe(weight=weight[i].detach().cpu(), bias=bias[i].detach().cpu(), mean=mean[i].cpu(),
-                    scale=scale[i].cpu())
-        for i in range(n_layers)
-    ]
+    return LinearProbe(weight=weight.detach().cpu(), bias=bias.detach().cpu(), mean=mean.cpu(), scale=scale.cpu())

@@ -18,45 +18,69 @@ from tokenprobe.metrics import BinaryMetrics, binary_metrics
 
 INTERVAL_METRICS = ("balanced_accuracy", "accuracy", "auroc")
 LEVEL = 0.95
-BLOCK = 100  # resamples evaluated at once (bounds memory: BLOCK x positions float64 weights)
 
 
-def chunk_weights(chunk: np.ndarray, samples: int, rng: np.random.Generator) -> np.ndarray:
-    """(samples, positions) weights: how often each position's chunk was drawn in each resample."""
+def chunk_counts(chunk: np.ndarray, samples: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """(samples, chunks) draw counts of each resample, and each position's chunk column.
+
+    A resample draws as many chunks as there are, with replacement; a position then counts as often
+    as its chunk was drawn.
+    """
     unique, inverse = np.unique(chunk, return_inverse=True)
     k = len(unique)
     draws = rng.integers(0, k, size=(samples, k)) + (np.arange(samples) * k)[:, None]
     counts = np.bincount(draws.ravel(), minlength=samples * k).reshape(samples, k)
-    return counts[:, inverse].astype(np.float64)
+    return counts.astype(np.float64), inverse
 
 
-def weighted_auroc(weights: np.ndarray, labels: np.ndarray, scores: np.ndarray) -> np.ndarray:
-    """AUROC under each row of `weights` (ties count one half), as sklearn's roc_auc_score with weights."""
-    order = np.argsort(scores, kind="stable")
-    s, y, w = scores[order], labels[order].astype(bool), weights[:, order]
-    starts = np.flatnonzero(np.r_[True, s[1:] != s[:-1]])
-    wp = np.add.reduceat(w * y, starts, axis=1)
-    wn = np.add.reduceat(w * ~y, starts, axis=1)
-    below = np.cumsum(wn, axis=1) - wn
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return (wp * (below + 0.5 * wn)).sum(axis=1) / (wp.sum(axis=1) * wn.sum(axis=1))
+def pair_matrix(inverse: np.ndarray, k: int, labels: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """A[c, d]: pairs (positive in chunk c, negative in chunk d) with the positive scored higher, ties 1/2.
+
+    Under chunk draw counts m the weighted AUROC numerator is m A m^T, so every resample's AUROC
+    comes from this one matrix instead of a sort per resample.
+    """
+    y = labels.astype(bool)
+    values, rank = np.unique(scores, return_inverse=True)  # dense rank: ties share one
+    g = len(values)
+    order = np.argsort(inverse[y], kind="stable")
+    pos_chunk, pos_rank = inverse[y][order], rank[y][order]
+    neg_chunk, neg_rank = inverse[~y], rank[~y]
+    matrix = np.zeros((k, k))
+    if not len(pos_chunk):
+        return matrix
+    starts = np.flatnonzero(np.r_[True, pos_chunk[1:] != pos_chunk[:-1]])
+    width = max(1, 4_000_000 // max(g, len(pos_rank)))  # bounds the (ranks x chunks) table in memory
+    for first in range(0, k, width):
+        cols = min(k, first + width) - first
+        sel = (neg_chunk >= first) & (neg_chunk < first + cols)
+        neg = np.bincount(neg_rank[sel] * cols + neg_chunk[sel] - first, minlength=g * cols).reshape(g, cols)
+        neg = neg.astype(np.float32)  # exact: counts and halves below 2**24; cumsum is fastest in float32
+        below = np.cumsum(neg, axis=0) - 0.5 * neg  # negatives of each chunk scored lower, ties one half
+        rows = below[pos_rank].astype(np.float64)
+        matrix[pos_chunk[starts], first : first + cols] = np.add.reduceat(rows, starts, axis=0)
+    return matrix
 
 
-def weighted_metrics(weights: np.ndarray, labels: np.ndarray, scores: np.ndarray, threshold: float) -> dict[str, np.ndarray]:
-    """Every metric of INTERVAL_METRICS under each row of `weights`; NaN where a class is missing."""
+def resampled_metrics(counts: np.ndarray, inverse: np.ndarray, labels: np.ndarray, scores: np.ndarray,
+                      threshold: float) -> dict[str, np.ndarray]:
+    """Every metric of INTERVAL_METRICS under each row of chunk draw `counts`; NaN where a class is missing."""
+    k = counts.shape[1]
     y = labels.astype(bool)
     predicted = scores >= threshold
-    positives, negatives = weights @ y, weights @ ~y
-    tp, tn = weights @ (y & predicted), weights @ (~y & ~predicted)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        balanced = 0.5 * (tp / positives + tn / negatives)
-        accuracy = (tp + tn) / (positives + negatives)
+
+    def per_chunk(mask: np.ndarray) -> np.ndarray:
+        return np.bincount(inverse, weights=mask.astype(np.float64), minlength=k)
+
+    positives, negatives = counts @ per_chunk(y), counts @ per_chunk(~y)
+    tp, tn = counts @ per_chunk(y & predicted), counts @ per_chunk(~y & ~predicted)
+    pairs = ((counts @ pair_matrix(inverse, k, y, scores)) * counts).sum(axis=1)
     both = (positives > 0) & (negatives > 0)
-    return {
-        "balanced_accuracy": np.where(both, balanced, np.nan),
-        "accuracy": accuracy,
-        "auroc": np.where(both, weighted_auroc(weights, y, scores), np.nan),
-    }
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return {
+            "balanced_accuracy": np.where(both, 0.5 * (tp / positives + tn / negatives), np.nan),
+            "accuracy": (tp + tn) / (positives + negatives),
+            "auroc": np.where(both, pairs / (positives * negatives), np.nan),
+        }
 
 
 def interval(values: np.ndarray, level: float = LEVEL) -> tuple[float, float]:
@@ -159,14 +183,10 @@ def evaluate(
             continue
         # One generator per set, seeded independently of the scorers, so every scorer sees the same resamples.
         rng = np.random.default_rng([seed, zlib.crc32(subset.encode())])
-        parts: dict[str, dict[str, list[np.ndarray]]] = {name: {m: [] for m in INTERVAL_METRICS} for name in present}
-        for start in range(0, resamples, BLOCK):
-            weights = chunk_weights(chunk[idx], min(BLOCK, resamples - start), rng)
-            for name, s in present.items():
-                for metric, values in weighted_metrics(weights, y, s.scores[idx], s.threshold).items():
-                    parts[name][metric].append(values)
-        for name in present:
-            result.samples.setdefault(name, {})[subset] = {m: np.concatenate(v) for m, v in parts[name].items()}
+        counts, inverse = chunk_counts(chunk[idx], resamples, rng)
+        for name, s in present.items():
+            result.samples.setdefault(name, {})[subset] = resampled_metrics(counts, inverse, y, s.scores[idx],
+                                                                            s.threshold)
     return result
 
 
