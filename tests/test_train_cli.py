@@ -81,6 +81,8 @@ def test_current_task_at_the_embedding_is_nearly_perfect(tiny_model_dir, corpus_
     result = train(config, cache_dir=session_cache, save=False, progress=False)
     assert result.layers[0].primary.balanced_accuracy > 0.97
     assert result.layers[0].metrics["eval_natural"].balanced_accuracy > 0.97
+    # The baselines predict the next token, so a current-token run has none (and no extra layer).
+    assert result.baselines == [] and result.record["layers"] == [0]
 
 
 def test_api_probes_reproduce_reported_metrics(tiny_model_dirs, corpus_file, session_cache):

@@ -154,7 +154,11 @@ def train(
     say(f"Layers {','.join(map(str, layers))}: one forward pass per batch, stopping after layer {max(layers)}", quiet)
 
     # The model's own prediction (a baseline) needs the last layer's residual even when it is not probed.
-    extract_layers = sorted({*layers, loaded.num_layers}) if config.baselines else layers
+    # The baselines predict the next token: for --task current they would answer another question.
+    baselines = config.baselines and config.task == "next"
+    if config.baselines and not baselines:
+        say("Baselines skipped: they predict the next token, and --task current asks about this one", quiet)
+    extract_layers = sorted({*layers, loaded.num_layers}) if baselines else layers
     if extract_layers != layers:
         say(f"Baselines: also extracting layer {loaded.num_layers} for the model's own prediction", quiet)
     checkpoint = ExtractionCheckpoint.for_run(cache_dir, loaded, chunks, positions, extract_layers)
@@ -190,11 +194,11 @@ def train(
     timings["train_probes_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    if config.baselines or config.bootstrap:
-        say(("Baselines and " if config.baselines else "") + f"95% intervals ({config.bootstrap} bootstrap resamples "
+    if baselines or config.bootstrap:
+        say(("Baselines and " if baselines else "") + f"95% intervals ({config.bootstrap} bootstrap resamples "
             "of held-out chunks)", quiet)
     scored = evaluate_run(loaded, chunks, labels, valid, split.train, positions, acts.keep, acts.values,
-                          acts.layers, layers, probes, target.token_id, config.baselines, config.bootstrap,
+                          acts.layers, layers, probes, target.token_id, baselines, config.bootstrap,
                           config.seed)
     timings["baselines_intervals_s"] = time.perf_counter() - t
 
