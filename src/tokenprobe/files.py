@@ -19,15 +19,20 @@ def default_cache_dir() -> Path:
     return base / "tokenprobe"
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Writes to a temporary file beside `path`, then renames it over `path`."""
+def atomic_write_bytes(path: Path, data: bytes, durable: bool = True) -> None:
+    """Writes to a temporary file beside `path`, then renames it over `path`.
+
+    `durable` also flushes the data to disk before the rename (so it survives a power cut, not just
+    a killed process); files that carry a checksum and are rebuilt when damaged can skip that.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

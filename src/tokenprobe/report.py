@@ -135,6 +135,10 @@ def render_markdown(results: dict[str, Any], plot_name: str | None = PLOT, title
             lines += [f"- Layers whose probe does NOT beat token statistics in balanced accuracy: {_layers_text(not_above)}.",
                       f"- Layers whose probe beats that layer's logit lens in balanced accuracy: {_layers_text(above_lens)}."]
         lines.append("")
+    else:
+        why = ("they predict the next token and this run asks about the current one"
+               if config.get("task") == "current" else "the run was made with --no-baselines")
+        lines += ["## Baselines", "", f"None: {why}.", ""]
 
     if bal.get("pairs"):
         pairs = bal["pairs"]

@@ -92,7 +92,8 @@ class ExtractionCheckpoint:
             tensors.update({f"layer{layer}": hidden.detach().to("cpu", torch.float32).contiguous()
                             for layer, hidden in captured.items()})
         metadata = {"sha256": _tensor_checksum(tensors), "nonfinite": json.dumps(sorted(nonfinite))}
-        atomic_write_bytes(self._shard(batch_size, batch), save(tensors, metadata=metadata))
+        # No fsync: a shard torn by a power cut fails its checksum and is recomputed.
+        atomic_write_bytes(self._shard(batch_size, batch), save(tensors, metadata=metadata), durable=False)
 
     def load(self, batch_size: int, batch: int, index: np.ndarray, layers: list[int]):
         """(captured, nonfinite) of a finished batch, or None if absent, corrupt or not this batch."""

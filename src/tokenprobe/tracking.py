@@ -60,26 +60,24 @@ def layer_metrics(result, layer_result) -> dict[str, Any]:
             out[f"{prefix}{key}"] = value
         for metric, (low, high) in layer_result.intervals.get(subset, {}).items():
             out[f"{prefix}{metric}_low"], out[f"{prefix}{metric}_high"] = low, high
-    for subset, m in layer_result.logit_lens.items():
-        prefix = "" if subset == "eval" else f"{subset}/"
-        for key in ("balanced_accuracy", "accuracy", "auroc", "tp", "fp", "tn", "fn", "threshold"):
-            out[f"{prefix}baseline/logit_lens/{key}"] = getattr(m, key)
-        for metric, (low, high) in layer_result.logit_lens_intervals.get(subset, {}).items():
-            out[f"{prefix}baseline/logit_lens/{metric}_low"] = low
-            out[f"{prefix}baseline/logit_lens/{metric}_high"] = high
+    _add_baseline(out, "logit_lens", layer_result.logit_lens, layer_result.logit_lens_intervals)
     for subset, (value, low, high) in layer_result.auroc_fraction_of_model.items():
         prefix = "" if subset == "eval" else f"{subset}/"
         out[f"{prefix}auroc_fraction_of_model"] = value
         out[f"{prefix}auroc_fraction_of_model_low"], out[f"{prefix}auroc_fraction_of_model_high"] = low, high
     for b in result.baselines:
-        for subset, m in b.metrics.items():
-            prefix = "" if subset == "eval" else f"{subset}/"
-            for key in ("balanced_accuracy", "accuracy", "auroc", "tp", "fp", "tn", "fn", "threshold"):
-                out[f"{prefix}baseline/{b.name}/{key}"] = getattr(m, key)
-            for metric, (low, high) in b.intervals.get(subset, {}).items():
-                out[f"{prefix}baseline/{b.name}/{metric}_low"] = low
-                out[f"{prefix}baseline/{b.name}/{metric}_high"] = high
+        _add_baseline(out, b.name, b.metrics, b.intervals)
     return {k: v for k, v in ((k, _finite(v)) for k, v in out.items()) if v is not None}
+
+
+def _add_baseline(out: dict[str, Any], name: str, metrics: dict, intervals: dict) -> None:
+    """Logs one baseline's metrics per set as ``[set/]baseline/<name>/<metric>``, with interval bounds."""
+    for subset, m in metrics.items():
+        prefix = f"{'' if subset == 'eval' else subset + '/'}baseline/{name}/"
+        for key in ("balanced_accuracy", "accuracy", "auroc", "tp", "fp", "tn", "fn", "threshold"):
+            out[prefix + key] = getattr(m, key)
+        for metric, (low, high) in intervals.get(subset, {}).items():
+            out[f"{prefix}{metric}_low"], out[f"{prefix}{metric}_high"] = low, high
 
 
 def log_to_wandb(result, say: Callable[[str], None] = print, project: str | None = None,
