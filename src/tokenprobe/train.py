@@ -25,7 +25,7 @@ from tokenprobe.files import default_cache_dir, write_json
 from tokenprobe.labels import resolve_target, task_labels
 from tokenprobe.locks import RunLock
 from tokenprobe.models import LoadedModel, load_model
-from tokenprobe.positions import SUBSETS, sample_positions, split_chunks
+from tokenprobe.positions import sample_positions, split_chunks
 from tokenprobe.probes import LinearProbe, fit_linear_probes, pos_weight_for
 from tokenprobe.report import write_report
 from tokenprobe.resume import ExtractionCheckpoint
@@ -185,10 +185,11 @@ def train(
         say(f"warning: skipped {acts.bad_batches} of {acts.batches} batches with NaN/Inf hidden states", quiet)
 
     t = time.perf_counter()
-    label_t = torch.from_numpy(positions.label)
-    index = {name: torch.from_numpy(np.flatnonzero(positions.mask(name) & acts.keep)) for name in SUBSETS}
-    pos_weight = pos_weight_for(label_t[index["train"]], config.pos_weight_cap)
-    probes = fit_linear_probes(acts.values[: len(layers), index["train"]], label_t[index["train"]], l2=config.l2,
+    train_rows = torch.from_numpy(np.flatnonzero(positions.mask("train") & acts.keep))
+    train_labels = torch.from_numpy(positions.label)[train_rows]
+    probed = torch.tensor([acts.layers.index(layer) for layer in layers])  # not the extra baseline layer
+    pos_weight = pos_weight_for(train_labels, config.pos_weight_cap)
+    probes = fit_linear_probes(acts.values[probed[:, None], train_rows[None, :]], train_labels, l2=config.l2,
                                pos_weight=pos_weight, max_iter=config.max_iter, device=loaded.device,
                                progress=progress)
     timings["train_probes_s"] = time.perf_counter() - t
