@@ -67,6 +67,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--memory-batch", type=int, default=48,
                    help="chunks per forward pass when measuring peak memory (default: %(default)s)")
     p.add_argument("--memory-batches", type=int, default=2, help="forward passes per memory measurement (default: %(default)s)")
+    p.add_argument("--memory-repeats", type=int, default=3,
+                   help="fresh processes per configuration for peak memory; the median is reported (default: %(default)s)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     p.add_argument("--memory-only", action="store_true", help="only the peak-memory subprocesses (and --startup if given)")
     p.add_argument("--startup", action="store_true", help="also time a second `tokenprobe train` from launch to its first forward pass")
@@ -328,6 +330,11 @@ def child_main(args: argparse.Namespace) -> None:
 
 
 def measure_memory(args: argparse.Namespace) -> dict:
+    """Each configuration in fresh processes, `--memory-repeats` times: the median peak, and the range.
+
+    glibc's allocator keeps freed blocks or returns them depending on the order of allocations,
+    so one process can peak 0.3 GB above the next for the same work: one measurement is not enough.
+    """
     out = {}
     for name in ("load", "bare", "tokenprobe", "recipe"):
         cmd = [sys.executable, __file__, "--child", name, "--model", args.model, "--corpus", args.corpus,
@@ -336,11 +343,17 @@ def measure_memory(args: argparse.Namespace) -> dict:
                "--memory-batch", str(args.memory_batch), "--memory-batches", str(args.memory_batches)]
         if args.cache_dir:
             cmd += ["--cache-dir", str(args.cache_dir)]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0:
-            out[name] = {"error": f"exit {proc.returncode} (killed for memory?): {proc.stderr.strip()[-300:]}"}
-        else:
-            out[name] = json.loads(proc.stdout.strip().splitlines()[-1])
+        peaks, last = [], {}
+        for _ in range(1 if name == "load" else args.memory_repeats):
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode != 0:
+                last = {"error": f"exit {proc.returncode} (killed for memory?): {proc.stderr.strip()[-300:]}"}
+                break
+            last = json.loads(proc.stdout.strip().splitlines()[-1])
+            peaks.append(last["peak_rss_gb"])
+        if peaks and "error" not in last:
+            last = {**last, "peak_rss_gb": median(peaks), "peaks_gb": peaks}
+        out[name] = last
         print(f"  peak memory {name:<10} {_mem(out[name])}", flush=True)
     return out
 
@@ -348,7 +361,9 @@ def measure_memory(args: argparse.Namespace) -> dict:
 def _mem(m: dict) -> str:
     if "error" in m:
         return m["error"]
-    return f"{m['peak_rss_gb']:.2f} GB peak RSS ({m['tokens']:,} tokens)"
+    spread = m.get("peaks_gb", [])
+    runs = (f", median of {len(spread)}: {min(spread):.2f} to {max(spread):.2f}") if len(spread) > 1 else ""
+    return f"{m['peak_rss_gb']:.2f} GiB peak RSS ({m['tokens']:,} tokens{runs})"
 
 
 # ------------------------------------------------------------------------------------------- startup

@@ -91,3 +91,38 @@ def test_nan_batches_are_skipped_and_counted(loaded):
     assert acts.batches == 3 and acts.bad_batches == 1
     assert acts.keep.sum() == 4 * 8 and not acts.keep[16:32].any()
     assert torch.isfinite(acts.values[:, acts.keep]).all()
+
+
+def test_bfloat16_activations_are_kept_exactly_in_bfloat16(tiny_model_dir, cache_dir):
+    """bfloat16 hidden states are stored as they are: half the memory of float32, bit-identical values."""
+    loaded = load_model(str(tiny_model_dir), "bfloat16", "cpu", cache_dir)
+    torch.manual_seed(1)
+    chunks = torch.randint(3, len(loaded.tokenizer), (3, 16)).numpy()
+    acts = extract(loaded, chunks, _all_positions(3, 16), [0, 1, 2], batch_size=2, progress=False)
+    assert acts.values.dtype == torch.bfloat16
+    with torch.inference_mode():
+        reference = loaded.model(input_ids=torch.from_numpy(chunks), output_hidden_states=True).hidden_states
+    for layer in (0, 1, 2):
+        assert torch.equal(acts.values[layer].reshape(3, 16, -1), reference[layer])
+
+
+def test_bfloat16_checkpoint_round_trip(tiny_model_dir, cache_dir, tmp_path):
+    """Shards keep bfloat16 (checksummed by their bytes); a resumed extraction equals a fresh one exactly."""
+    from tokenprobe.resume import ExtractionCheckpoint
+
+    loaded = load_model(str(tiny_model_dir), "bfloat16", "cpu", cache_dir)
+    torch.manual_seed(2)
+    chunks = torch.randint(3, len(loaded.tokenizer), (4, 12)).numpy()
+    positions = _all_positions(4, 12)
+    checkpoint = ExtractionCheckpoint(tmp_path / "ckpt")
+    first = extract(loaded, chunks, positions, [1, 2], batch_size=2, progress=False, checkpoint=checkpoint)
+    assert len(list((tmp_path / "ckpt").rglob("batch*.safetensors"))) == 2
+    again = extract(loaded, chunks, positions, [1, 2], batch_size=2, progress=False, checkpoint=checkpoint)
+    assert again.resumed_batches == 2 and again.values.dtype == torch.bfloat16
+    assert torch.equal(first.values, again.values)
+    shard = next((tmp_path / "ckpt").rglob("batch000000.safetensors"))
+    data = bytearray(shard.read_bytes())
+    data[-3] ^= 0xFF  # flip a byte inside a bfloat16 tensor: the checksum must catch it
+    shard.write_bytes(bytes(data))
+    third = extract(loaded, chunks, positions, [1, 2], batch_size=2, progress=False, checkpoint=checkpoint)
+    assert third.resumed_batches == 1 and torch.equal(first.values, third.values)

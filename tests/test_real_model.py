@@ -69,3 +69,20 @@ def test_current_task_on_default_model_is_nearly_perfect():
                        eval_positions=600)
     result = train(config, save=False, progress=False)
     assert result.layers[0].primary.balanced_accuracy > 0.97
+
+
+def test_default_model_fast_tokenizer_equals_autotokenizer(gemma):
+    """The ready copy's tokenizer (from tokenizer.json alone) tokenizes the corpus as AutoTokenizer does."""
+    from transformers import AutoTokenizer
+
+    from tokenprobe.corpus import load_corpus
+    from tokenprobe.models import _gguf_ready_copy, default_gguf_path, tokenizer_fingerprint
+    from tokenprobe.files import default_cache_dir, file_sha256
+
+    gguf = default_gguf_path()
+    ready = _gguf_ready_copy(gguf, default_cache_dir(), file_sha256(gguf, default_cache_dir()))
+    reference = AutoTokenizer.from_pretrained(ready)
+    texts = load_corpus("wiki-summaries").documents[:300] + [" the", "The", "\n\n  x", "😀"]
+    assert gemma.tokenizer(texts)["input_ids"] == reference(texts)["input_ids"]
+    assert gemma.tokenizer.bos_token_id == reference.bos_token_id == 2
+    assert gemma.tokenizer_hash == tokenizer_fingerprint(reference)

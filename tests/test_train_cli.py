@@ -43,6 +43,7 @@ def test_cli_train_writes_a_complete_run(tiny_model_dirs, corpus_file, tmp_path,
                   "--dtype", "float32", "--out", out, "--quiet", cache=session_cache)
     assert result.returncode == 0, result.stderr
     assert "bal.acc" in result.stdout and "best layer" in result.stdout
+    assert "Loading weights" not in result.stderr and "it/s" not in result.stderr  # --quiet: no bars, ours or transformers'
     assert sorted(p.name for p in out.iterdir()) == ["plot.png", "probes", "report.md", "results.csv", "results.json",
                                                      "run.json"]
     results = json.loads((out / "results.json").read_text())

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from sklearn.metrics import roc_auc_score
 
-from tokenprobe.uncertainty import Scorer, chunk_counts, evaluate, interval, resampled_metrics
+from tokenprobe.uncertainty import Scorer, chunk_counts, evaluate, interval, pair_matrix, resampled_metrics
 
 
 def test_resampled_metrics_match_sklearn_with_chunk_weights_and_ties():
@@ -80,3 +81,68 @@ def test_interval_of_nothing_is_nan_and_evaluate_skips_missing_scores():
     ev = evaluate({"p": partial}, labels, np.array([0, 0, 1, 1]),
                   {"a": np.array([0, 1]), "b": np.array([2, 3])}, resamples=100)
     assert "a" in ev.metrics["p"] and "b" not in ev.metrics["p"]
+
+
+def _reference_pair_matrix(inverse, k, labels, scores):
+    """A[c, d] by its definition, one pair of chunks at a time (searchsorted counts lower and tied negatives)."""
+    y = labels.astype(bool)
+    matrix = np.zeros((k, k))
+    for d in range(k):
+        negatives = np.sort(scores[~y & (inverse == d)])
+        for c in range(k):
+            positives = scores[y & (inverse == c)]
+            lower = np.searchsorted(negatives, positives, side="left")
+            tied = np.searchsorted(negatives, positives, side="right") - lower
+            matrix[c, d] = lower.sum() + 0.5 * tied.sum()
+    return matrix
+
+
+@pytest.mark.parametrize("n, k, decimals", [(1, 1, 3), (5, 2, 1), (63, 4, 2), (64, 3, 2), (65, 7, 0), (300, 11, 1),
+                                            (1000, 23, 6), (1000, 5, 0), (2000, 40, 12)])
+def test_pair_matrix_matches_its_definition(n, k, decimals):
+    """Blocks of the sorted sequence (partial, exact, one, many), ties within and across blocks, all scores
+    tied (decimals 0), no ties at all (12)."""
+    rng = np.random.default_rng(n + k)
+    inverse = rng.integers(0, k, size=n)
+    labels = rng.random(n) < 0.4
+    scores = np.round(rng.random(n) * 0.8 + labels * 0.3, decimals)
+    assert np.array_equal(pair_matrix(inverse, k, labels, scores), _reference_pair_matrix(inverse, k, labels, scores))
+
+
+def test_pair_matrix_with_one_class_is_zero():
+    scores = np.linspace(0, 1, 50)
+    assert not pair_matrix(np.arange(50) % 3, 3, np.ones(50, bool), scores).any()
+    assert not pair_matrix(np.arange(50) % 3, 3, np.zeros(50, bool), scores).any()
+
+
+def _float64_reference(counts, inverse, labels, scores, threshold):
+    """resampled_metrics as first written: every product in float64 from the defining pair matrix."""
+    k = counts.shape[1]
+    y = labels.astype(bool)
+    predicted = scores >= threshold
+    per = [np.bincount(inverse, weights=m.astype(np.float64), minlength=k) for m in (y, ~y, y & predicted,
+                                                                                      ~y & ~predicted)]
+    positives, negatives, tp, tn = (counts @ p for p in per)
+    pairs = ((counts @ _reference_pair_matrix(inverse, k, y, scores)) * counts).sum(axis=1)
+    both = (positives > 0) & (negatives > 0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return {"balanced_accuracy": np.where(both, 0.5 * (tp / positives + tn / negatives), np.nan),
+                "accuracy": (tp + tn) / (positives + negatives),
+                "auroc": np.where(both, pairs / (positives * negatives), np.nan)}
+
+
+@pytest.mark.parametrize("per_chunk", [30, 3000])
+def test_resampled_metrics_are_bit_identical_to_float64(per_chunk):
+    """Small chunks take the float32 matrix product, huge ones (pos * neg >= 2**23) float64: both exact."""
+    rng = np.random.default_rng(per_chunk)
+    k = 40 if per_chunk == 30 else 3
+    inverse = np.repeat(np.arange(k), per_chunk * 2)
+    labels = np.tile(np.r_[np.ones(per_chunk, bool), np.zeros(per_chunk, bool)], k)
+    scores = np.round(rng.random(len(labels)) + labels * 0.2, 3)
+    counts, _ = chunk_counts(inverse, 50, rng)
+    got = resampled_metrics(counts, inverse, labels, scores, 0.55)
+    expected = _float64_reference(counts, inverse, labels, scores, 0.55)
+    for metric in expected:
+        assert np.array_equal(got[metric], expected[metric], equal_nan=True)
+    b = int(np.argmax(counts[:, 0]))  # one resample against scikit-learn's weighted AUROC
+    assert np.isclose(got["auroc"][b], roc_auc_score(labels, scores, sample_weight=counts[b, inverse]))

@@ -1,7 +1,8 @@
 """One forward pass per batch feeds every requested layer.
 
-Hooks on the decoder blocks copy the residual stream at the sampled positions only (as float32)
-and the pass is stopped by an exception right after the deepest requested layer, so the remaining
+Hooks on the decoder blocks copy the residual stream at the sampled positions only, in the dtype
+the model computes it in (bfloat16 activations are kept as bfloat16: a float32 copy would double the
+memory and add no information; they become float32 one layer at a time where probes are fitted), and the pass is stopped by an exception right after the deepest requested layer, so the remaining
 blocks, the final norm and the full-vocabulary unembedding are never computed.
 
 Layer 0 is the input of the first block (the embedding output, scaled or with positions added as
@@ -32,7 +33,7 @@ class _StopForward(Exception):
 @dataclass
 class Activations:
     layers: list[int]
-    values: torch.Tensor  # (len(layers), n_positions, hidden) float32, on the CPU
+    values: torch.Tensor  # (len(layers), n_positions, hidden) in the model's dtype, on the CPU
     keep: np.ndarray  # bool per position: False where its batch had NaN/Inf
     batches: int = 0
     bad_batches: int = 0
@@ -65,7 +66,7 @@ class LayerCapture:
             hidden = hidden[0]
         if not torch.isfinite(hidden).all():
             self.nonfinite.add(layer)
-        self.captured[layer] = hidden[self.rows, self.cols].float()
+        self.captured[layer] = hidden[self.rows, self.cols]
         if layer == self.deepest:
             raise _StopForward
 
@@ -134,7 +135,8 @@ def extract(
     order = np.argsort(positions.chunk, kind="stable")
     starts = np.searchsorted(positions.chunk[order], wanted)
     ends = np.append(starts[1:], len(order))
-    values = torch.empty((len(layers), len(positions), loaded.hidden_size), dtype=torch.float32)
+    store = loaded.dtype if loaded.dtype.is_floating_point else torch.float32
+    values = torch.empty((len(layers), len(positions), loaded.hidden_size), dtype=store)
     keep = np.ones(len(positions), dtype=bool)
     result = Activations(layers=sorted(layers), values=values, keep=keep)
     slot = {layer: i for i, layer in enumerate(result.layers)}

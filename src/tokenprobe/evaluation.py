@@ -108,11 +108,20 @@ def evaluate_run(
     """
     slot = {layer: i for i, layer in enumerate(value_layers)}
     scorers: dict[str, Scorer] = {}
+    rows = np.flatnonzero(usable)
+    every = len(rows) == values.shape[1]  # then no row needs to be gathered
+    index = torch.from_numpy(rows)
+    # One scratch buffer for all layers: the standardised rows (or the gathered ones, standardised in place)
+    scratch = torch.empty(len(rows), values.shape[-1], dtype=torch.float32, device=values.device)
     for layer, probe in zip(layers, probes):
         scores = np.full(len(positions), np.nan)
-        rows = np.flatnonzero(usable)
         with torch.inference_mode():
-            scores[rows] = probe.predict_proba(values[slot[layer]][torch.from_numpy(rows)]).double().numpy()
+            x = values[slot[layer]]
+            if not every and x.dtype == torch.float32:
+                x = torch.index_select(x, 0, index.to(x.device), out=scratch)
+            elif not every:
+                x = x[index.to(x.device)]
+            scores[rows] = probe.predict_proba(x, out=scratch).double().cpu().numpy()
         scorers[probe_name(layer)] = Scorer(scores=scores, threshold=0.5)
     info: dict[str, Any] = {}
     if baselines:
@@ -121,9 +130,9 @@ def evaluate_run(
                                  target_id, seed)
         scorers.update(made.scorers)
         info = {**made.info, "thresholds": {name: s.threshold for name, s in made.scorers.items()}}
-    index = {s: np.flatnonzero(positions.mask(s) & usable) for s in SETS}
+    sets = {s: np.flatnonzero(positions.mask(s) & usable) for s in SETS}
     only = {name: HELD_OUT for name in scorers if not name.startswith("probe/")}
-    ev = evaluate(scorers, positions.label, positions.chunk, index, resamples, seed, only)
+    ev = evaluate(scorers, positions.label, positions.chunk, sets, resamples, seed, only)
     run_baselines = []
     for name in (MODEL, TOKEN_STATS, MAJORITY):
         if name in ev.metrics:

@@ -32,7 +32,7 @@ def _tensor_checksum(tensors: dict[str, torch.Tensor]) -> str:
     digest = hashlib.sha256()
     for name in sorted(tensors):
         digest.update(name.encode())
-        digest.update(tensors[name].contiguous().numpy().tobytes())
+        digest.update(tensors[name].contiguous().view(torch.uint8).numpy().tobytes())  # bfloat16 has no numpy type
     return digest.hexdigest()
 
 
@@ -89,7 +89,7 @@ class ExtractionCheckpoint:
             write_json(self.folder / "info.json", self.ingredients)
         tensors = {"index": torch.from_numpy(np.ascontiguousarray(index, dtype=np.int64))}
         if not nonfinite:
-            tensors.update({f"layer{layer}": hidden.detach().to("cpu", torch.float32).contiguous()
+            tensors.update({f"layer{layer}": hidden.detach().to("cpu").contiguous()
                             for layer, hidden in captured.items()})
         metadata = {"sha256": _tensor_checksum(tensors), "nonfinite": json.dumps(sorted(nonfinite))}
         # No fsync: a shard torn by a power cut fails its checksum and is recomputed.

@@ -118,7 +118,7 @@ def train(
 
     if loaded is None:
         say(f"Loading model {config.model} ...", quiet)
-        loaded = load_model(config.model, config.dtype, config.device, cache_dir)
+        loaded = load_model(config.model, config.dtype, config.device, cache_dir, progress=progress)
     timings["load_model_s"] = time.perf_counter() - started
     dtype_name = str(loaded.dtype).replace("torch.", "")
     say(f"Model {loaded.name}: {loaded.num_layers} layers, width {loaded.hidden_size}, {dtype_name} on "
@@ -189,9 +189,10 @@ def train(
     train_labels = torch.from_numpy(positions.label)[train_rows]
     probed = torch.tensor([acts.layers.index(layer) for layer in layers])  # not the extra baseline layer
     pos_weight = pos_weight_for(train_labels, config.pos_weight_cap)
-    probes = fit_linear_probes(acts.values[probed[:, None], train_rows[None, :]], train_labels, l2=config.l2,
-                               pos_weight=pos_weight, max_iter=config.max_iter, device=loaded.device,
-                               progress=progress)
+    # Views of each probed layer: the training rows are gathered one layer at a time inside the fit.
+    probes = fit_linear_probes([acts.values[i] for i in probed.tolist()], train_labels, rows=train_rows,
+                               l2=config.l2, pos_weight=pos_weight, max_iter=config.max_iter,
+                               device=loaded.device, progress=progress)
     timings["train_probes_s"] = time.perf_counter() - t
 
     t = time.perf_counter()

@@ -38,32 +38,79 @@ def pair_matrix(inverse: np.ndarray, k: int, labels: np.ndarray, scores: np.ndar
 
     Under chunk draw counts m the weighted AUROC numerator is m A m^T, so every resample's AUROC
     comes from this one matrix instead of a sort per resample.
+
+    Positions are sorted by score, positives first within a tie, so the negatives scored strictly lower
+    than a positive are exactly those before it; those pairs are counted block by block (see
+    `_ordered_pairs`), and ties between a positive and a negative add one half each.
     """
     y = labels.astype(bool)
-    values, rank = np.unique(scores, return_inverse=True)  # dense rank: ties share one
-    g = len(values)
-    order = np.argsort(inverse[y], kind="stable")
-    pos_chunk, pos_rank = inverse[y][order], rank[y][order]
-    neg_chunk, neg_rank = inverse[~y], rank[~y]
-    matrix = np.zeros((k, k))
-    if not len(pos_chunk):
-        return matrix
-    starts = np.flatnonzero(np.r_[True, pos_chunk[1:] != pos_chunk[:-1]])
-    width = max(1, 4_000_000 // max(g, len(pos_rank)))  # bounds the (ranks x chunks) table in memory
-    for first in range(0, k, width):
-        cols = min(k, first + width) - first
-        sel = (neg_chunk >= first) & (neg_chunk < first + cols)
-        neg = np.bincount(neg_rank[sel] * cols + neg_chunk[sel] - first, minlength=g * cols).reshape(g, cols)
-        neg = neg.astype(np.float32)  # exact: counts and halves below 2**24; cumsum is fastest in float32
-        below = np.cumsum(neg, axis=0) - 0.5 * neg  # negatives of each chunk scored lower, ties one half
-        rows = below[pos_rank].astype(np.float64)
-        matrix[pos_chunk[starts], first : first + cols] = np.add.reduceat(rows, starts, axis=0)
+    if y.all() or not y.any():
+        return np.zeros((k, k))
+    order = np.lexsort((~y, scores))  # by score; within a tie, positives first
+    ordered, positive, chunk = scores[order], y[order], inverse[order]
+    matrix = _ordered_pairs(chunk, positive, k)
+    tied = ordered[1:] == ordered[:-1]
+    if (tied & (positive[1:] != positive[:-1])).any():  # some tie holds both a positive and a negative
+        matrix += 0.5 * _tied_pairs(chunk, positive, tied, k)
     return matrix
+
+
+PAIR_BLOCK = 64  # positions per block in `_ordered_pairs`
+
+
+def _ordered_pairs(chunk: np.ndarray, positive: np.ndarray, k: int, block: int = PAIR_BLOCK) -> np.ndarray:
+    """Q[c, d]: pairs (positive of chunk c, negative of chunk d) with the negative earlier in the sequence.
+
+    Cut the sequence into blocks: pairs across blocks are P' C (P: positives per block and chunk,
+    C: negatives per chunk in all earlier blocks), one matrix product; pairs inside a block are listed.
+    """
+    n = len(chunk)
+    blocks = -(-n // block)
+    pad = blocks * block - n
+    chunk = np.concatenate([chunk, np.zeros(pad, chunk.dtype)])
+    pos = np.concatenate([positive, np.zeros(pad, bool)])
+    neg = np.concatenate([~positive, np.zeros(pad, bool)])
+    cell = np.repeat(np.arange(blocks) * k, block) + chunk
+    pos_counts = np.bincount(cell[pos], minlength=blocks * k).reshape(blocks, k)
+    neg_counts = np.bincount(cell[neg], minlength=blocks * k).reshape(blocks, k)
+    earlier = np.cumsum(neg_counts, axis=0) - neg_counts
+    # every partial sum of Q[c, d] is at most (positives of c) * (negatives of d): exact in float32 below 2**24
+    exact32 = int(pos_counts.sum(axis=0).max()) * int(neg_counts.sum(axis=0).max()) < 2**24
+    dtype = np.float32 if exact32 else np.float64
+    matrix = (pos_counts.T.astype(dtype) @ earlier.astype(dtype)).astype(np.float64)
+    later, first = np.tril_indices(block, -1)  # offsets in a block, `later` after `first`
+    chunk, pos, neg = chunk.reshape(blocks, block), pos.reshape(blocks, block), neg.reshape(blocks, block)
+    which, pair = np.nonzero(pos[:, later] & neg[:, first])
+    cells = chunk[which, later[pair]] * k + chunk[which, first[pair]]
+    matrix += np.bincount(cells, minlength=k * k).reshape(k, k)
+    return matrix
+
+
+def _tied_pairs(chunk: np.ndarray, positive: np.ndarray, tied: np.ndarray, k: int) -> np.ndarray:
+    """T[c, d]: pairs (positive of chunk c, negative of chunk d) with equal scores (`tied`: each position
+    equal to the one before it, in score order)."""
+    from scipy import sparse  # a dependency of scikit-learn
+
+    group = np.cumsum(np.r_[True, ~tied]) - 1
+    groups = group[-1] + 1
+    positives = np.bincount(group, weights=positive, minlength=groups)
+    mixed = (positives > 0) & (positives < np.bincount(group, minlength=groups))
+    keep = mixed[group]
+    row = (np.cumsum(mixed) - 1)[group[keep]]
+    col, pos = chunk[keep], positive[keep]
+    shape = (int(mixed.sum()), k)
+    p = sparse.csr_matrix((np.ones(int(pos.sum())), (row[pos], col[pos])), shape=shape)
+    n = sparse.csr_matrix((np.ones(int((~pos).sum())), (row[~pos], col[~pos])), shape=shape)
+    return (p.T @ n).toarray()
 
 
 def resampled_metrics(counts: np.ndarray, inverse: np.ndarray, labels: np.ndarray, scores: np.ndarray,
                       threshold: float) -> dict[str, np.ndarray]:
-    """Every metric of INTERVAL_METRICS under each row of chunk draw `counts`; NaN where a class is missing."""
+    """Every metric of INTERVAL_METRICS under each row of chunk draw `counts`; NaN where a class is missing.
+
+    Every sum here is of integers (and halves) and exact, so the result does not depend on how it is
+    computed: m A goes through float32 (twice as fast as float64) where that is exact too.
+    """
     k = counts.shape[1]
     y = labels.astype(bool)
     predicted = scores >= threshold
@@ -71,9 +118,18 @@ def resampled_metrics(counts: np.ndarray, inverse: np.ndarray, labels: np.ndarra
     def per_chunk(mask: np.ndarray) -> np.ndarray:
         return np.bincount(inverse, weights=mask.astype(np.float64), minlength=k)
 
-    positives, negatives = counts @ per_chunk(y), counts @ per_chunk(~y)
+    positives_per_chunk, negatives_per_chunk = per_chunk(y), per_chunk(~y)
+    positives, negatives = counts @ positives_per_chunk, counts @ negatives_per_chunk
     tp, tn = counts @ per_chunk(y & predicted), counts @ per_chunk(~y & ~predicted)
-    pairs = ((counts @ pair_matrix(inverse, k, y, scores)) * counts).sum(axis=1)
+    matrix = pair_matrix(inverse, k, y, scores)
+    # A[c, d] <= pos[c] neg[d] and every partial sum of (m A)[d] <= (positives drawn) neg[d]: multiples of
+    # 1/2 below 2**23 are exact in float32, whatever order the matrix product adds them in
+    bound = max(positives.max(initial=0), positives_per_chunk.max(initial=0)) * negatives_per_chunk.max(initial=0)
+    if bound < 2**23:
+        weighted = (counts.astype(np.float32) @ matrix.astype(np.float32)).astype(np.float64)
+    else:
+        weighted = counts @ matrix
+    pairs = (weighted * counts).sum(axis=1)
     both = (positives > 0) & (negatives > 0)
     with np.errstate(invalid="ignore", divide="ignore"):
         return {

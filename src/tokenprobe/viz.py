@@ -362,7 +362,7 @@ def visualize(
         if progress:
             print(f"Loading model {meta['model_source']} ({meta['dtype']}) named in the probe files ...",
                   file=sys.stderr)
-        loaded = load_model(meta["model_source"], meta.get("dtype") or "auto", device, cache_dir)
+        loaded = load_model(meta["model_source"], meta.get("dtype") or "auto", device, cache_dir, progress=progress)
     check_probes_fit(probes, loaded)
 
     context_length = int(meta["context_length"])

@@ -1,0 +1,70 @@
+"""The ready copy (tokenprobe's cached, dequantised default model) loads fast and loads the same thing.
+
+The default GGUF is dequantised once into a float32 folder; later runs take the tokenizer straight
+from its tokenizer.json, the fingerprint from a stored file, and bfloat16 weights from a bfloat16
+copy made once. Each shortcut must give exactly what the slow path gives; tested on tiny models so
+no download is needed (the real default model is covered in test_real_model.py).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from tokenprobe.models import READY_MARKER, load_ready_copy, save_ready_copy, tokenizer_fingerprint
+from tiny_models import synthetic_text
+
+
+@pytest.fixture(params=["gemma3", "llama", "gpt2"])
+def ready(request, tiny_model_dirs, tmp_path):
+    source = tiny_model_dirs[request.param]
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    folder = save_ready_copy(model, tokenizer, tmp_path / "models" / "abc", {"sha256": "0" * 64})
+    return folder, model
+
+
+def test_ready_tokenizer_and_fingerprint_equal_autotokenizer(ready):
+    folder, _ = ready
+    _, tokenizer, digest = load_ready_copy(folder, torch.float32)
+    reference = AutoTokenizer.from_pretrained(folder)
+    texts = synthetic_text(200, seed=3).split(". ") + [" the", "  spaces\n\nand lines", "émoji 😀 中文", ""]
+    assert tokenizer(texts)["input_ids"] == reference(texts)["input_ids"]
+    assert tokenizer(texts, add_special_tokens=False)["input_ids"] == reference(texts, add_special_tokens=False)["input_ids"]
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id"):
+        assert getattr(tokenizer, name) == getattr(reference, name), name
+    assert len(tokenizer) == len(reference)
+    assert digest == tokenizer_fingerprint(reference)  # the chunk cache key does not change
+
+
+def test_bfloat16_copy_is_made_once_and_equals_a_cast(ready):
+    folder, model = ready
+    loaded, _, _ = load_ready_copy(folder, torch.bfloat16)
+    copy = folder / "bfloat16"
+    assert (copy / READY_MARKER).exists() and (copy / "model.safetensors").exists()
+    assert next(loaded.parameters()).dtype == torch.bfloat16
+    expected = model.to(torch.bfloat16).state_dict()
+    got = loaded.state_dict()
+    assert expected.keys() == got.keys()
+    for name in expected:
+        assert torch.equal(got[name], expected[name]), name
+    stamp = (copy / "model.safetensors").stat().st_mtime_ns
+    load_ready_copy(folder, torch.bfloat16)
+    assert (copy / "model.safetensors").stat().st_mtime_ns == stamp, "the copy must be reused, not remade"
+    # float32 loads the float32 folder itself
+    loaded32, _, _ = load_ready_copy(folder, torch.float32)
+    assert next(loaded32.parameters()).dtype == torch.float32
+
+
+def test_stored_fingerprint_is_used_only_while_tokenizer_json_is_unchanged(ready):
+    folder, _ = ready
+    _, _, digest = load_ready_copy(folder, torch.float32)
+    stored = json.loads((folder / "tokenizer.sha256").read_text())
+    assert stored["sha256"] == digest
+    (folder / "tokenizer.sha256").write_text(json.dumps({**stored, "sha256": "f" * 64}))
+    assert load_ready_copy(folder, torch.float32)[2] == "f" * 64  # read, not recomputed
+    (folder / "tokenizer.sha256").write_text(json.dumps({**stored, "stamp": "0:0", "sha256": "f" * 64}))
+    assert load_ready_copy(folder, torch.float32)[2] == digest  # stale stamp: recomputed
