@@ -21,7 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from tokenprobe.errors import TokenprobeError
-from tokenprobe.models import LoadedModel
+from tokenprobe.models import LoadedModel, trim_heap
 from tokenprobe.positions import PositionSet
 from tokenprobe.resume import ExtractionCheckpoint
 
@@ -53,6 +53,7 @@ class LayerCapture:
 
     def __init__(self, loaded: LoadedModel, layers: list[int]):
         self.stack = loaded.layer_stack
+        self.device = loaded.device
         self.layers = sorted(layers)
         self.deepest = self.layers[-1]
         self.handles: list = []
@@ -187,6 +188,8 @@ def extract(
                 computed += 1
                 if checkpoint is not None:
                     checkpoint.save(batch_size, b, index, captured, nonfinite)
+                if device.type == "cpu":
+                    trim_heap()  # else freed activations and shard buffers pile up in glibc's heap, batch after batch
             b += len(batch_chunks)
             result.batches += 1
             if nonfinite:
@@ -205,6 +208,7 @@ def extract(
                 bar.set_postfix_str(f"{result.bad_batches} bad batches skipped")
     result.seconds = time.perf_counter() - started
     result.batch_size = batch_size
+    _release_memory(device)  # the forward pass's working memory, before probes and baselines need theirs
     if result.bad_batches * 2 > result.batches:
         first_bad = min(result.bad_layers)
         raise TokenprobeError(
@@ -215,5 +219,8 @@ def extract(
 
 
 def _release_memory(device: torch.device) -> None:
+    """Hands freed working memory back: the CUDA cache, or on the CPU the free pages glibc keeps."""
     if device.type == "cuda":
         torch.cuda.empty_cache()
+    else:
+        trim_heap()

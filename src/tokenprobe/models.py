@@ -90,6 +90,20 @@ def resolve_dtype(spec: str, device: torch.device) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[spec]
 
 
+def trim_heap() -> None:
+    """Returns the C heap's free pages to the OS (glibc ``malloc_trim``; a no-op elsewhere).
+
+    glibc keeps freed memory for reuse: after loading Gemma 3's tokenizer about 180 MB of parsed JSON
+    stays resident, and after a forward pass its freed activations do. Trimming costs a few ms.
+    """
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (macOS, musl)
+        pass
+
+
 # ------------------------------------------------------------------------------------------ the stack
 
 
@@ -399,5 +413,6 @@ def _load_model(source: str, dtype: str | torch.dtype, device: str | torch.devic
         device=device,
     )
     loaded.layer_stack  # fail now, not mid-run, if the stack cannot be found
+    trim_heap()  # what loading parsed and freed (the tokenizer's JSON: 180 MB for Gemma 3)
     log.info("loaded %s in %.1fs", source, time.perf_counter() - started)
     return loaded

@@ -32,7 +32,8 @@ def _tensor_checksum(tensors: dict[str, torch.Tensor]) -> str:
     digest = hashlib.sha256()
     for name in sorted(tensors):
         digest.update(name.encode())
-        digest.update(tensors[name].contiguous().view(torch.uint8).numpy().tobytes())  # bfloat16 has no numpy type
+        # The tensor's own bytes, without a copy (bfloat16 has no numpy type, so viewed as bytes)
+        digest.update(tensors[name].contiguous().view(torch.uint8).numpy())
     return digest.hexdigest()
 
 
