@@ -12,7 +12,7 @@ sampling decide which chunks run and which positions are kept, and all four conf
                   (model loaded once)
 
 Wall times are medians over ``--repeats`` runs in this process (the model is loaded once). Peak
-resident memory is measured per configuration in a fresh subprocess (ru_maxrss) at ``--memory-batch``
+resident memory is measured per configuration in fresh subprocesses (VmHWM, median of ``--memory-repeats``) at ``--memory-batch``
 chunks per forward pass. ``--startup`` times a second ``tokenprobe train`` from launch to its first
 forward pass.
 

@@ -188,8 +188,6 @@ def extract(
                 computed += 1
                 if checkpoint is not None:
                     checkpoint.save(batch_size, b, index, captured, nonfinite)
-                if device.type == "cpu":
-                    trim_heap()  # else freed activations and shard buffers pile up in glibc's heap, batch after batch
             b += len(batch_chunks)
             result.batches += 1
             if nonfinite:
