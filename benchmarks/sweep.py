@@ -102,7 +102,7 @@ def setup(args: argparse.Namespace, batch_size: int) -> Setup:
     from tokenprobe.config import RunConfig
     from tokenprobe.corpus import load_corpus
     from tokenprobe.files import default_cache_dir
-    from tokenprobe.labels import resolve_target, task_labels
+    from tokenprobe.labels import cached_target, task_labels
     from tokenprobe.models import load_model
     from tokenprobe.positions import sample_positions, split_chunks
 
@@ -118,11 +118,11 @@ def setup(args: argparse.Namespace, batch_size: int) -> Setup:
     loaded = load_model(config.model, config.dtype, "cpu", cache_dir)
     load_s = time.perf_counter() - t
     corpus = load_corpus(config.corpus, config.text_field, config.corpus_config, config.corpus_split)
-    chunks, _ = load_chunks(corpus, loaded.tokenizer, loaded.tokenizer_hash, config.context_length, cache_dir, False)
-    target = resolve_target(loaded.tokenizer, config.target, config.target_id)
+    chunks, bos_id, _ = load_chunks(corpus, lambda: loaded.tokenizer, loaded.tokenizer_hash, config.context_length,
+                                    cache_dir, False)
+    target = cached_target(loaded, config.target, config.target_id, cache_dir)
     split = split_chunks(len(chunks), config.eval_fraction, config.seed, config.max_tokens // config.context_length)
-    has_bos = loaded.tokenizer.bos_token_id is not None and bool((chunks[:, 0] == loaded.tokenizer.bos_token_id).all())
-    labels, valid = task_labels(chunks, target.token_id, config.task, has_bos)
+    labels, valid = task_labels(chunks, target.token_id, config.task, bos_id is not None)
     import warnings
 
     with warnings.catch_warnings():

@@ -116,3 +116,38 @@ def test_threshold_maximises_balanced_accuracy_on_training_scores():
     for t in np.unique(scores):
         p = scores >= t
         assert 0.5 * (p[labels].mean() + (~p[~labels]).mean()) <= best + 1e-12
+
+
+def test_model_probability_runs_once_per_position_shared_by_two_sets(loaded_models, monkeypatch):
+    """A (chunk, position) in both held-out sets gets the full softmax once, and the same score in both."""
+    from tokenprobe import baselines
+    from tokenprobe.labels import task_labels
+    from tokenprobe.positions import SUBSETS
+
+    loaded = loaded_models["llama"]
+    target = resolve_target(loaded.tokenizer, " the").token_id
+    ids = _inputs(loaded, n_chunks=4, length=16).numpy()
+    labels, valid = task_labels(ids, target, "next", has_bos=False)
+    chunk = np.array([0, 0, 1, 1, 2, 2, 2, 3, 3])  # chunks 0-1 train; 2-3 held out, where rows repeat
+    position = np.array([3, 4, 5, 6, 7, 8, 7, 9, 9])
+    subset = np.array([SUBSETS.index(s) for s in ("train",) * 4 + ("eval", "eval", "eval_natural",
+                                                                    "eval", "eval_natural")], np.int8)
+    positions = PositionSet(chunk=chunk, position=position, label=labels[chunk, position], subset=subset)
+    positions.label[[0, 4]] = True  # both classes in training and held out (labels of these rows only matter here)
+    acts = extract(loaded, ids, positions, [loaded.num_layers], batch_size=2, progress=False)
+    seen = []
+    original = baselines.Unembedding.target_probability
+
+    def spy(self, hidden, target_id, **kwargs):
+        seen.append(len(hidden))
+        return original(self, hidden, target_id, **kwargs)
+
+    monkeypatch.setattr(baselines.Unembedding, "target_probability", spy)
+    made = baselines.compute_baselines(loaded, ids, labels, valid, np.array([0, 1]), positions,
+                                       np.ones(len(chunk), bool), {loaded.num_layers: acts.values[0]},
+                                       [], target, seed=0)
+    scores = made.scorers[baselines.MODEL].scores
+    # Held out: 5 rows, 3 distinct positions; threshold sample: 3 training rows (as many as the balanced set).
+    assert made.info["model_threshold_positions"] == 3 and seen == [3 + 3] and made.info["model_positions"] == 6
+    assert scores[4] != scores[5] and scores[4] == scores[6] and scores[7] == scores[8]
+    assert np.isfinite(scores[4:]).all()

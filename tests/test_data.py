@@ -88,21 +88,28 @@ def test_chunk_cache_is_reused_keyed_and_verified(tiny_model_dirs, corpus_file, 
     tok = AutoTokenizer.from_pretrained(tiny_model_dirs["llama"])
     h = tokenizer_fingerprint(tok)
     corpus = load_corpus(str(corpus_file))
-    first, cached = load_chunks(corpus, tok, h, 64, cache_dir, progress=False)
-    assert not cached and first.shape[1] == 64 and (first[:, 0] == tok.bos_token_id).all()
-    again, cached = load_chunks(corpus, tok, h, 64, cache_dir, progress=False)
-    assert cached and np.array_equal(first, again)
+    calls = []
+
+    def get_tokenizer():
+        calls.append(1)
+        return tok
+
+    first, bos, cached = load_chunks(corpus, get_tokenizer, h, 64, cache_dir, progress=False)
+    assert not cached and first.shape[1] == 64 and (first[:, 0] == tok.bos_token_id).all() and bos == tok.bos_token_id
+    again, bos, cached = load_chunks(corpus, get_tokenizer, h, 64, cache_dir, progress=False)
+    assert cached and np.array_equal(first, again) and bos == tok.bos_token_id
+    assert len(calls) == 1  # a cached entry needs no tokenizer
     # The stream is the tokenized documents: decoding a chunk gives corpus text back.
     assert tok.decode(first[0, 1:]) in corpus_file.read_text()
     # Another context length is another cache entry.
-    other, cached = load_chunks(corpus, tok, h, 32, cache_dir, progress=False)
+    other, _, cached = load_chunks(corpus, get_tokenizer, h, 32, cache_dir, progress=False)
     assert not cached and other.shape[1] == 32
     # A corrupted entry is detected by its checksum and rebuilt, not used.
     path = chunk_cache_path(cache_dir, corpus, h, 64)
     data = bytearray(path.read_bytes())
     data[-5] ^= 0xFF
     path.write_bytes(bytes(data))
-    rebuilt, cached = load_chunks(corpus, tok, h, 64, cache_dir, progress=False)
+    rebuilt, _, cached = load_chunks(corpus, get_tokenizer, h, 64, cache_dir, progress=False)
     assert not cached and np.array_equal(rebuilt, first)
     path.write_bytes(path.read_bytes()[:100])  # truncated
-    assert not load_chunks(corpus, tok, h, 64, cache_dir, progress=False)[1]
+    assert not load_chunks(corpus, get_tokenizer, h, 64, cache_dir, progress=False).from_cache

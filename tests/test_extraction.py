@@ -53,6 +53,11 @@ def test_only_sampled_positions_are_kept_and_subset_of_layers(loaded):
         for i in range(4):
             expected = reference[layer][positions.chunk[i], positions.position[i]]
             torch.testing.assert_close(acts.values[slot, i], expected, rtol=1e-5, atol=1e-5)
+    # Each chunk runs only up to its last sampled position: one chunk per batch, 16 + 8 + 2 tokens, the
+    # same hidden states as the full-length pass above (a causal model never looks ahead).
+    one = extract(loaded, chunks, positions, [1, 2], batch_size=1, progress=False)
+    assert one.tokens == 16 + 8 + 2 and acts.tokens == 16 * 3
+    torch.testing.assert_close(one.values, acts.values, rtol=1e-5, atol=1e-5)
 
 
 def test_forward_stops_after_deepest_layer_and_skips_unembedding(loaded):

@@ -98,3 +98,48 @@ def test_target_absent_or_too_rare_is_an_error():
     labels, valid = task_labels(chunks, T, "next", has_bos=True)
     with pytest.raises(TokenprobeError, match="too rare"):
         sample_positions(labels, valid, split_chunks(len(chunks), 0.25, 0), 100, 100, "positions", 0)
+
+
+@pytest.mark.parametrize("rate,eval_positions", [(0.08, 600), (0.5, 40)])
+def test_balanced_held_out_negatives_come_from_the_natural_sample(rate, eval_positions):
+    chunks = _random_chunks(n=400, rate=rate)
+    labels, valid = task_labels(chunks, T, "next", has_bos=True)
+    split = split_chunks(len(chunks), 0.25, seed=0)
+    ps = sample_positions(labels, valid, split, 400, eval_positions, "positions", seed=0)
+    ev, nat = ps.mask("eval"), ps.mask("eval_natural")
+    assert ps.label[ev].sum() == (~ps.label[ev]).sum()
+    natural = set(zip(ps.chunk[nat], ps.position[nat]))
+    negatives = list(zip(ps.chunk[ev & ~ps.label], ps.position[ev & ~ps.label]))
+    assert len(set(negatives)) == len(negatives)  # no negative twice
+    # Per chunk, the balanced negatives are natural ones as far as the natural sample has negatives;
+    # the rest are topped up from the chunk's other negatives.
+    topped_up = 0
+    for c in np.unique(ps.chunk[ev]):
+        wanted = int((ev & ~ps.label & (ps.chunk == c)).sum())
+        available = int((nat & ~ps.label & (ps.chunk == c)).sum())
+        assert sum(key in natural for key in negatives if key[0] == c) == min(wanted, available)
+        topped_up += wanted > available
+    if rate < 0.1:  # ~5 positives per chunk against ~9 natural negatives: nearly all shared
+        assert sum(key in natural for key in negatives) > 0.95 * len(negatives) > 100
+    else:  # ~32 positives per chunk against ~20 natural negatives: topped up
+        assert topped_up > 0
+
+
+def test_shared_negatives_are_a_uniform_sample_of_the_chunk():
+    """Over many seeds every negative of a chunk is drawn equally often (the sharing adds no bias)."""
+    labels = np.zeros(64, bool)
+    labels[[5, 20, 21, 40, 41, 42, 60]] = True
+    valid = np.ones(64, bool)
+    valid[0] = False
+    from tokenprobe.positions import _shared_negatives
+
+    counts = np.zeros(64)
+    draws = 4000
+    for seed in range(draws):
+        rng = np.random.default_rng(seed)
+        natural = np.sort(rng.choice(np.flatnonzero(valid), size=10, replace=False))
+        counts[_shared_negatives(labels, valid, natural, 7, rng)] += 1
+    negatives = np.flatnonzero(~labels & valid)
+    assert counts[~(~labels & valid)].sum() == 0
+    expected = draws * 7 / len(negatives)  # about 500 per negative
+    assert np.abs(counts[negatives] - expected).max() < 0.2 * expected

@@ -29,7 +29,9 @@ def ready(request, tiny_model_dirs, tmp_path):
 
 def test_ready_tokenizer_and_fingerprint_equal_autotokenizer(ready):
     folder, _ = ready
-    _, tokenizer, digest = load_ready_copy(folder, torch.float32)
+    _, load_tokenizer, digest = load_ready_copy(folder, torch.float32)
+    tokenizer = load_tokenizer()
+    assert load_tokenizer() is tokenizer  # loaded once
     reference = AutoTokenizer.from_pretrained(folder)
     texts = synthetic_text(200, seed=3).split(". ") + [" the", "  spaces\n\nand lines", "émoji 😀 中文", ""]
     assert tokenizer(texts)["input_ids"] == reference(texts)["input_ids"]
@@ -68,3 +70,35 @@ def test_stored_fingerprint_is_used_only_while_tokenizer_json_is_unchanged(ready
     assert load_ready_copy(folder, torch.float32)[2] == "f" * 64  # read, not recomputed
     (folder / "tokenizer.sha256").write_text(json.dumps({**stored, "stamp": "0:0", "sha256": "f" * 64}))
     assert load_ready_copy(folder, torch.float32)[2] == digest  # stale stamp: recomputed
+
+
+def test_a_cached_run_never_loads_the_tokenizer(ready, corpus_file, tmp_path, monkeypatch):
+    """Chunks, target and fingerprint all come from the cache: the tokenizer (1.3 s for Gemma 3) stays unloaded."""
+    import tokenprobe.models as models
+    from tokenprobe.chunks import load_chunks
+    from tokenprobe.corpus import load_corpus
+    from tokenprobe.labels import cached_target
+
+    folder, _ = ready
+    loads = []
+    real = models._ready_tokenizer
+    monkeypatch.setattr(models, "_ready_tokenizer", lambda path: loads.append(path) or real(path))
+    cache = tmp_path / "cache"
+    corpus = load_corpus(str(corpus_file))
+
+    def run():
+        model, load_tokenizer, digest = load_ready_copy(folder, torch.float32)
+        loaded = models.LoadedModel(model=model, load_tokenizer=load_tokenizer, name="tiny", source=str(folder),
+                                    weights_hash="0", tokenizer_hash=digest, dtype=torch.float32,
+                                    device=torch.device("cpu"))
+        target = cached_target(loaded, " the", None, cache)
+        chunks = load_chunks(corpus, lambda: loaded.tokenizer, loaded.tokenizer_hash, 32, cache, progress=False)
+        return target, chunks
+
+    first_target, first_chunks = run()
+    assert len(loads) == 1  # the first run tokenizes (and fingerprints) once
+    target, chunks = run()
+    assert len(loads) == 1, "the second run loaded the tokenizer"
+    assert target == first_target and chunks.from_cache and chunks.bos_id == first_chunks.bos_id
+    assert (chunks.ids == first_chunks.ids).all()
+    assert AutoTokenizer.from_pretrained(folder).convert_ids_to_tokens(target.token_id) == target.token

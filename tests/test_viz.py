@@ -153,7 +153,7 @@ def test_corpus_sample_takes_held_out_chunks_of_the_run(gpt2_run, gpt2, session_
     run = json.loads((gpt2_run / "run.json").read_text())
     config = RunConfig.from_dict(run["config"])
     corpus = load_corpus(config.corpus)
-    chunks, _ = load_chunks(corpus, gpt2.tokenizer, gpt2.tokenizer_hash, CONTEXT, session_cache, progress=False)
+    chunks = load_chunks(corpus, lambda: gpt2.tokenizer, gpt2.tokenizer_hash, CONTEXT, session_cache, progress=False).ids
     split = split_chunks(len(chunks), config.eval_fraction, config.seed, config.max_tokens // CONTEXT)
     shown = [int(re.search(r"chunk (\d+)", d["title"]).group(1)) for d in result.data["documents"]]
     assert shown == [int(c) for c in split.eval[:3]]

@@ -117,6 +117,43 @@ def is_out_of_memory(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
 
 
+@dataclass(frozen=True)
+class RunPlan:
+    """Which chunks run, in which order, and how much of each: decided from the positions alone.
+
+    A causal model's hidden state at position p depends only on tokens 0..p, so a chunk is run only
+    up to its last sampled position. Chunks run longest first (ties by chunk id), so each batch is cut
+    at nearly the length of all its chunks, and the first batch is the largest (an out-of-memory
+    error shows at once).
+    """
+
+    chunks: np.ndarray  # chunk ids, in run order
+    rows: list[np.ndarray]  # per chunk: its rows of the PositionSet
+    lengths: np.ndarray  # per chunk: tokens to run (last sampled position + 1)
+
+    @classmethod
+    def of(cls, positions: PositionSet) -> RunPlan:
+        order = np.argsort(positions.chunk, kind="stable")
+        wanted, starts = np.unique(positions.chunk[order], return_index=True)
+        if len(wanted) == 0:
+            return cls(wanted, [], np.zeros(0, dtype=np.int64))
+        ends = np.append(starts[1:], len(order))
+        lengths = np.maximum.reduceat(positions.position[order], starts) + 1
+        run = np.lexsort((wanted, -lengths))
+        return cls(wanted[run], [order[starts[i] : ends[i]] for i in run], lengths[run])
+
+    def batch(self, first: int, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+        """(chunk ids, rows of the PositionSet, batch row of each, tokens per chunk) of one batch."""
+        rows = self.rows[first : first + size]
+        index = np.concatenate(rows)
+        batch_rows = np.repeat(np.arange(len(rows)), [len(r) for r in rows])
+        return self.chunks[first : first + size], index, batch_rows, int(self.lengths[first : first + size].max())
+
+    def tokens(self, size: int) -> int:
+        """Tokens run at batch size `size`: each batch is as long as its longest chunk."""
+        return int(sum(self.lengths[b] * len(self.lengths[b : b + size]) for b in range(0, len(self.lengths), size)))
+
+
 def extract(
     loaded: LoadedModel,
     chunks: np.ndarray,
@@ -126,16 +163,14 @@ def extract(
     progress: bool = True,
     checkpoint: ExtractionCheckpoint | None = None,
 ) -> Activations:
-    """Runs every chunk that holds a sampled position once and keeps those positions at `layers`.
+    """Runs every chunk that holds a sampled position once, up to its last sampled position (see
+    `RunPlan`), and keeps those positions at `layers`.
 
     With a `checkpoint`, each finished batch is saved as it completes and batches an interrupted run
     already finished are loaded instead of recomputed. Out of memory on the first batch this call
     computes halves the batch size and retries (and says so); later, it is an error naming the size.
     """
-    wanted = np.unique(positions.chunk)
-    order = np.argsort(positions.chunk, kind="stable")
-    starts = np.searchsorted(positions.chunk[order], wanted)
-    ends = np.append(starts[1:], len(order))
+    plan = RunPlan.of(positions)
     store = loaded.dtype if loaded.dtype.is_floating_point else torch.float32
     values = torch.empty((len(layers), len(positions), loaded.hidden_size), dtype=store)
     keep = np.ones(len(positions), dtype=bool)
@@ -144,17 +179,15 @@ def extract(
     context_length = chunks.shape[1]
     device = loaded.device
 
-    bar = tqdm(total=len(wanted) * context_length, desc="Forward pass", unit="tok", unit_scale=True,
+    bar = tqdm(total=plan.tokens(batch_size), desc="Forward pass", unit="tok", unit_scale=True,
                disable=not progress, dynamic_ncols=True)
     started = time.perf_counter()
     computed = 0
     b = 0
     with LayerCapture(loaded, layers) as capture, torch.inference_mode(), bar:
-        while b < len(wanted):
-            batch_chunks = wanted[b : b + batch_size]
-            index = np.concatenate([order[starts[b + i] : ends[b + i]] for i in range(len(batch_chunks))])
-            rows = np.repeat(np.arange(len(batch_chunks)), ends[b : b + len(batch_chunks)] - starts[b : b + len(batch_chunks)])
-            input_ids = torch.from_numpy(chunks[batch_chunks]).to(device)
+        while b < len(plan.chunks):
+            batch_chunks, index, rows, length = plan.batch(b, batch_size)
+            input_ids = torch.from_numpy(chunks[batch_chunks, :length]).to(device)
             done = checkpoint.load(batch_size, b, index, result.layers) if checkpoint is not None else None
             if done is not None:
                 captured, nonfinite = done
@@ -178,6 +211,7 @@ def extract(
                         print(f"\nwarning: out of memory on the first batch at --batch-size {batch_size}; "
                               f"retrying with --batch-size {batch_size // 2}", file=sys.stderr, flush=True)
                         batch_size //= 2
+                        bar.total = plan.tokens(batch_size)
                         continue
                     raise TokenprobeError(
                         f"out of memory at --batch-size {batch_size} (batch {result.batches + 1}, "

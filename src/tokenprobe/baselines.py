@@ -2,8 +2,9 @@
 
 - ``model``: the probability the model's own output gives the target (final norm, full
   unembedding, final-logit softcapping where the config has it, softmax over the vocabulary). The
-  full vocabulary is computed only at the held-out positions, plus a small sample of training
-  positions used to choose its threshold, in small batches: never for every token.
+  full vocabulary is computed only at the held-out positions (once per position, though the
+  balanced and natural sets share many), plus a sample of training positions used to choose its
+  threshold (as many as the balanced held-out set, at most 2,000), in tiles: never for every token.
 - ``logit_lens`` at each probed layer: that layer's residual through the final norm and ONLY the
   target's unembedding row (a logit, not a probability: normalising it would need every row).
 - ``token_stats``: P(label | current token id), counted over every usable position of the training
@@ -35,7 +36,7 @@ DESCRIPTIONS = {
     TOKEN_STATS: "P(label | current token id) counted on the training chunks",
     MAJORITY: "always the training set's majority class",
 }
-THRESHOLD_POSITIONS = 2000  # training positions where the model's full softmax is computed for its threshold
+THRESHOLD_POSITIONS = 2000  # at most this many training positions get the model's full softmax, for its threshold
 
 
 def logit_lens_name(layer: int) -> str:
@@ -44,8 +45,6 @@ def logit_lens_name(layer: int) -> str:
 
 def choose_threshold(labels: np.ndarray, scores: np.ndarray) -> float:
     """The threshold (predict positive when score >= it) that maximises balanced accuracy."""
-    from sklearn.metrics import roc_curve  # here: sklearn costs ~1 s of startup
-
     labels = np.asarray(labels).astype(bool)
     if labels.all() or not labels.any():
         return float("inf") if not labels.any() else float("-inf")
@@ -191,16 +190,23 @@ def compute_baselines(
         scores[rows] = unembed.target_logit(hidden[layer][torch.from_numpy(rows)], target_id)
         scorers[logit_lens_name(layer)] = scorer(scores)
 
-    # The model's own probability: held-out positions, plus a seeded sample of training positions for the threshold.
+    # The model's own probability: held-out positions (each (chunk, position) once: the balanced and
+    # natural sets share rows), plus a seeded sample of training positions for the threshold, as many as
+    # the balanced held-out set has, at most THRESHOLD_POSITIONS.
     train_rows = np.flatnonzero(train)
     rng = np.random.default_rng(seed + 7)
-    sample = np.sort(rng.choice(train_rows, size=min(THRESHOLD_POSITIONS, len(train_rows)), replace=False))
+    size = min(THRESHOLD_POSITIONS, len(train_rows), int((positions.mask("eval") & usable).sum()))
+    sample = np.sort(rng.choice(train_rows, size=size, replace=False))
     rows = np.union1d(np.flatnonzero(held_out), sample)
+    keys = positions.chunk[rows] * (int(positions.position.max()) + 1) + positions.position[rows]
+    _, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
     scores = np.full(n, np.nan)
-    scores[rows] = unembed.target_probability(hidden[loaded.num_layers][torch.from_numpy(rows)], target_id)
+    unique = torch.from_numpy(rows[first])
+    scores[rows] = unembed.target_probability(hidden[loaded.num_layers][unique], target_id)[inverse]
     threshold = choose_threshold(positions.label[sample], scores[sample])
     scorers[MODEL] = Scorer(scores=scores, threshold=threshold)
     info["model_threshold_positions"] = int(len(sample))
+    info["model_positions"] = int(len(first))
 
     table = token_statistics(chunks, labels, valid, train_chunks)
     scorers[TOKEN_STATS] = scorer(table[chunks[positions.chunk, positions.position]])

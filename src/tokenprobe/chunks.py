@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -23,7 +25,13 @@ from tokenprobe.errors import TokenprobeError
 from tokenprobe.files import atomic_write_bytes
 
 SEPARATOR = "\n\n"
-CACHE_VERSION = "1"
+CACHE_VERSION = "2"  # 2: the BOS id is stored with the chunks
+
+
+class Chunks(NamedTuple):
+    ids: np.ndarray  # (n, context_length) int64
+    bos_id: int | None  # the token every chunk starts with, or None when the tokenizer has no BOS
+    from_cache: bool
 
 
 def chunk_cache_path(cache_dir: Path, corpus: Corpus, tokenizer_hash: str, context_length: int) -> Path:
@@ -35,7 +43,7 @@ def _checksum(array: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()
 
 
-def _load_cached(path: Path) -> np.ndarray | None:
+def _load_cached(path: Path) -> Chunks | None:
     """The cached chunks, or None if absent, unreadable, or failing their checksum."""
     if not path.exists():
         return None
@@ -47,9 +55,10 @@ def _load_cached(path: Path) -> np.ndarray | None:
         chunks = load_file(str(path))["chunks"].numpy()
     except (SafetensorError, OSError, KeyError, ValueError, RuntimeError):
         return None
-    if meta.get("sha256") != _checksum(chunks):
+    if meta.get("sha256") != _checksum(chunks) or "bos_id" not in meta:
         return None
-    return chunks
+    bos_id = json.loads(meta["bos_id"])
+    return Chunks(chunks.astype(np.int64), bos_id, True)
 
 
 def tokenize_stream(documents: list[str], tokenizer, progress: bool = True) -> np.ndarray:
@@ -81,17 +90,22 @@ def make_chunks(stream: np.ndarray, context_length: int, bos_id: int | None) -> 
 
 def load_chunks(
     corpus: Corpus,
-    tokenizer,
+    get_tokenizer: Callable[[], Any],
     tokenizer_hash: str,
     context_length: int,
     cache_dir: Path,
     progress: bool = True,
-) -> tuple[np.ndarray, bool]:
-    """Chunks of shape (n, context_length) as int64, and whether they came from the cache."""
+) -> Chunks:
+    """The corpus as chunks of `context_length` tokens, from the cache or tokenized now.
+
+    `get_tokenizer` returns the tokenizer; it is called only when the chunks are not cached, so a
+    cached run need not load the tokenizer at all.
+    """
     path = chunk_cache_path(cache_dir, corpus, tokenizer_hash, context_length)
     cached = _load_cached(path)
     if cached is not None:
-        return cached.astype(np.int64), True
+        return cached
+    tokenizer = get_tokenizer()
     bos_id = tokenizer.bos_token_id
     chunks = make_chunks(tokenize_stream(corpus.documents, tokenizer, progress), context_length, bos_id)
     if len(chunks) == 0:
@@ -105,7 +119,8 @@ def load_chunks(
         "corpus_sha256": corpus.sha256,
         "tokenizer_sha256": tokenizer_hash,
         "context_length": str(context_length),
+        "bos_id": json.dumps(bos_id),
         "info": json.dumps({"corpus": corpus.name, "documents": len(corpus.documents)}),
     }
     atomic_write_bytes(path, save({"chunks": torch.from_numpy(np.ascontiguousarray(store))}, metadata=metadata))
-    return chunks, False
+    return Chunks(chunks, bos_id, False)

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
 from tokenprobe.errors import TokenprobeError
+from tokenprobe.files import atomic_write_bytes
 
 
 @dataclass(frozen=True)
@@ -36,6 +41,23 @@ def resolve_target(tokenizer, text: str, token_id: int | None = None) -> Target:
             "or choose a target that is a single token"
         )
     return Target(text, ids[0], tokenizer.convert_ids_to_tokens(ids[0]))
+
+
+def cached_target(loaded, text: str, token_id: int | None, cache_dir: Path) -> Target:
+    """`resolve_target` for a LoadedModel, remembered per tokenizer fingerprint: a later run learns
+    its target without loading the tokenizer (see LoadedModel). Errors are not remembered."""
+    key = hashlib.sha256(json.dumps([loaded.tokenizer_hash, text, token_id]).encode()).hexdigest()
+    path = Path(cache_dir) / "targets" / f"{key[:24]}.json"
+    try:
+        return Target(**json.loads(path.read_text(encoding="utf-8")))
+    except (OSError, ValueError, TypeError):
+        pass
+    target = resolve_target(loaded.tokenizer, text, token_id)
+    try:
+        atomic_write_bytes(path, json.dumps(dataclasses.asdict(target)).encode("utf-8"), durable=False)
+    except OSError:
+        pass  # a read-only cache only costs the tokenizer next time
+    return target
 
 
 def task_labels(chunks: np.ndarray, target_id: int, task: str, has_bos: bool) -> tuple[np.ndarray, np.ndarray]:

@@ -25,7 +25,7 @@ from safetensors.torch import save
 
 from tokenprobe.files import atomic_write_bytes, write_json
 
-FORMAT_VERSION = "1"
+FORMAT_VERSION = "2"  # 2: batches of chunks cut at their last sampled position, longest first
 
 
 def _tensor_checksum(tensors: dict[str, torch.Tensor]) -> str:

@@ -22,7 +22,7 @@ from tokenprobe.corpus import load_corpus
 from tokenprobe.errors import TokenprobeError
 from tokenprobe.evaluation import evaluate_run
 from tokenprobe.files import default_cache_dir, write_json
-from tokenprobe.labels import resolve_target, task_labels
+from tokenprobe.labels import cached_target, task_labels
 from tokenprobe.locks import RunLock
 from tokenprobe.models import LoadedModel, load_model
 from tokenprobe.positions import sample_positions, split_chunks
@@ -126,7 +126,7 @@ def train(
     if loaded.dtype == torch.float16:
         say("warning: float16 overflows in some models (Gemma 3 among them); bad batches will be skipped", quiet)
 
-    target = resolve_target(loaded.tokenizer, config.target, config.target_id)
+    target = cached_target(loaded, config.target, config.target_id, cache_dir)
     say(target.describe(), quiet)
     layers = parse_layers(config.layers, loaded.num_layers)
     if loaded.max_positions and config.context_length > loaded.max_positions:
@@ -136,16 +136,15 @@ def train(
 
     t = time.perf_counter()
     corpus = load_corpus(config.corpus, config.text_field, config.corpus_config, config.corpus_split)
-    chunks, from_cache = load_chunks(corpus, loaded.tokenizer, loaded.tokenizer_hash, config.context_length,
-                                     cache_dir, progress)
+    chunks, bos_id, from_cache = load_chunks(corpus, lambda: loaded.tokenizer, loaded.tokenizer_hash,
+                                             config.context_length, cache_dir, progress)
     timings["chunks_s"] = time.perf_counter() - t
     say(f"Corpus {corpus.name}: {len(corpus.documents):,} documents, {len(chunks):,} chunks of "
         f"{config.context_length} tokens{' (cached)' if from_cache else ''}", quiet)
 
     max_chunks = config.max_tokens // config.context_length if config.max_tokens else None
     split = split_chunks(len(chunks), config.eval_fraction, config.seed, max_chunks)
-    has_bos = loaded.tokenizer.bos_token_id is not None and bool((chunks[:, 0] == loaded.tokenizer.bos_token_id).all())
-    labels, valid = task_labels(chunks, target.token_id, config.task, has_bos)
+    labels, valid = task_labels(chunks, target.token_id, config.task, has_bos=bos_id is not None)
     positions = sample_positions(labels, valid, split, config.train_positions, config.eval_positions,
                                  config.balance, config.seed)
     counts = positions.counts()

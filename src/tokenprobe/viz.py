@@ -255,12 +255,11 @@ def _prepare_corpus_sample(probes: list[LinearProbe], loaded: LoadedModel, n: in
             f"{expected[:12]}), so its held-out chunks cannot be found again; use --text or --file"
         )
     context_length = probes[0].metadata["context_length"]
-    chunks, _ = load_chunks(corpus, loaded.tokenizer, loaded.tokenizer_hash, context_length, cache_dir, progress)
+    chunks, bos, _ = load_chunks(corpus, lambda: loaded.tokenizer, loaded.tokenizer_hash, context_length,
+                                 cache_dir, progress)
     max_chunks = config.max_tokens // context_length if config.max_tokens else None
     split = split_chunks(len(chunks), config.eval_fraction, config.seed, max_chunks)
-    bos = loaded.tokenizer.bos_token_id
-    has_bos = bos is not None and bool((chunks[:, 0] == bos).all())
-    start = 1 if has_bos else 0
+    start = 1 if bos is not None else 0
     if n > len(split.eval):
         print(f"warning: the run holds out {len(split.eval)} chunks; showing all of them", file=sys.stderr)
     prep = _Prepared([], [], [], [], [], [])
