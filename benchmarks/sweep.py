@@ -3,8 +3,11 @@
 Every configuration sees the same tokens: tokenprobe's own chunking, split and balanced position
 sampling decide which chunks run and which positions are kept, and all four configurations reuse them.
 
-1. bare forward   the decoder stack up to the deepest layer: no hooks, no final unembedding (the floor)
-2. tokenprobe     ``train(layers="all")`` end to end: positions, one forward pass, all probes, metrics
+1. bare forward   the decoder stack up to the deepest layer: no hooks, no final unembedding (the floor),
+                  over the full chunks; and over tokenprobe's own batches (each chunk cut after its last
+                  sampled position, as tokenprobe runs it), so its overhead on the tokens it runs shows too
+2. tokenprobe     ``train(layers="all")`` end to end: positions, one forward pass, all probes, metrics;
+                  also with ``--no-baselines``, and once with ``--batch-size auto
 3. usual recipe   AutoModelForCausalLM with output_hidden_states=True (full logits, as people write it),
                   the same positions gathered, sklearn StandardScaler + LogisticRegression per layer
 4. seed's way     the ``auto`` layers, each with a fresh float32 torch probe trained with Adam for a few
@@ -12,12 +15,12 @@ sampling decide which chunks run and which positions are kept, and all four conf
                   (model loaded once)
 
 Wall times are medians over ``--repeats`` runs in this process (the model is loaded once). Peak
-resident memory is measured per configuration in fresh subprocesses (VmHWM, median of ``--memory-repeats``) at ``--memory-batch``
-chunks per forward pass. ``--startup`` times a second ``tokenprobe train`` from launch to its first
-forward pass.
+resident memory is measured per configuration in fresh subprocesses (VmHWM, median of
+``--memory-repeats``) at ``--memory-batch`` chunks per forward pass. The startup check times a second
+``tokenprobe train`` from launch to its first forward pass.
 
-    python benchmarks/sweep.py                  # defaults: ~41k tokens, about 13 minutes on 2 CPU cores
-    python benchmarks/sweep.py --tokens 200000  # a larger run
+    python benchmarks/sweep.py                  # defaults: 20,480 tokens, about 15 minutes on 2 CPU cores
+    python benchmarks/sweep.py --large          # 204,800 tokens
 """
 
 from __future__ import annotations
@@ -39,7 +42,16 @@ from pathlib import Path
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-CONFIGS = ("bare", "tokenprobe", "probes_only", "recipe", "seed")
+CONFIGS = ("bare", "bare_cut", "tokenprobe", "probes_only", "recipe", "auto", "seed")
+LABELS = {
+    "bare": "bare forward (stack, no lm_head)",
+    "bare_cut": "bare forward, tokenprobe's cut batches",
+    "tokenprobe": "tokenprobe --layers all",
+    "probes_only": "tokenprobe --layers all --no-baselines",
+    "recipe": "usual recipe (hidden_states+sklearn)",
+    "auto": "tokenprobe --layers all --batch-size auto",
+    "seed": "seed's way (auto layers)",
+}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -51,27 +63,33 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model", default="gemma-3-270m", help="as tokenprobe --model (default: %(default)s)")
     p.add_argument("--corpus", default="wiki-summaries", help="as tokenprobe --corpus (default: %(default)s)")
     p.add_argument("--context-length", type=int, default=256, help="tokens per chunk (default: %(default)s)")
-    p.add_argument("--tokens", type=int, default=40_960,
+    p.add_argument("--tokens", type=int, default=20_480,
                    help="corpus tokens to use (tokenprobe --max-tokens); every chunk of them holds sampled "
                         "positions, so this is the token count each forward pass runs (default: %(default)s)")
     p.add_argument("--large", action="store_true", help="shorthand for --tokens 204800 (about 10x the default)")
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
                    help="model dtype for every configuration; auto as in tokenprobe (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=16, help="chunks per forward pass (default: %(default)s)")
-    p.add_argument("--repeats", type=int, default=3, help="timed runs of bare/tokenprobe/recipe (default: %(default)s)")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="timed runs of bare, bare_cut, tokenprobe, probes_only and recipe (default: %(default)s)")
+    p.add_argument("--auto-repeats", type=int, default=1,
+                   help="timed runs of tokenprobe --batch-size auto (default: %(default)s)")
     p.add_argument("--seed-repeats", type=int, default=1,
                    help="timed runs of the seed's way, the slowest by far (default: %(default)s)")
-    p.add_argument("--seed-epochs", type=int, default=3, help="epochs per layer in the seed's way (default: %(default)s)")
+    p.add_argument("--seed-epochs", type=int, default=1,
+                   help="epochs per layer in the seed's way; each costs one forward pass over the training chunks "
+                        "per layer (default: %(default)s)")
     p.add_argument("--seed-lr", type=float, default=1e-2, help="Adam learning rate in the seed's way (default: %(default)s)")
     p.add_argument("--skip", default="", help="comma-separated configurations to skip: " + ",".join(CONFIGS))
     p.add_argument("--memory-batch", type=int, default=48,
                    help="chunks per forward pass when measuring peak memory (default: %(default)s)")
     p.add_argument("--memory-batches", type=int, default=2, help="forward passes per memory measurement (default: %(default)s)")
-    p.add_argument("--memory-repeats", type=int, default=3,
+    p.add_argument("--memory-repeats", type=int, default=2,
                    help="fresh processes per configuration for peak memory; the median is reported (default: %(default)s)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
-    p.add_argument("--memory-only", action="store_true", help="only the peak-memory subprocesses (and --startup if given)")
-    p.add_argument("--startup", action="store_true", help="also time a second `tokenprobe train` from launch to its first forward pass")
+    p.add_argument("--memory-only", action="store_true", help="only the peak-memory subprocesses and the startup check")
+    p.add_argument("--no-startup", action="store_true",
+                   help="skip timing a second `tokenprobe train` from launch to its first forward pass")
     p.add_argument("--json", type=Path, default=None, help="also write every figure to this JSON file")
     p.add_argument("--cache-dir", type=Path, default=None, help="tokenprobe cache (default: $TOKENPROBE_CACHE or ~/.cache/tokenprobe)")
     p.add_argument("--child", choices=CONFIGS + ("load",), help=argparse.SUPPRESS)  # internal: one memory measurement
@@ -154,21 +172,42 @@ def batches(s: Setup, batch_size: int, chunk_ids=None):
 # ---------------------------------------------------------------------------------- configurations
 
 
-def run_bare(s: Setup, batch_size: int, max_batches: int | None = None) -> dict:
-    """The decoder stack up to the deepest layer (all of it for --layers all): no hooks, no lm_head."""
+def cut_batches(s: Setup, batch_size: int):
+    """input_ids of tokenprobe's own batches: chunks longest first, each batch cut after its last
+    sampled position (tokenprobe.activations.RunPlan)."""
+    import torch
+
+    from tokenprobe.activations import RunPlan
+
+    plan = RunPlan.of(s.positions)
+    for b in range(0, len(plan.chunks), batch_size):
+        chunk_ids, _, _, length = plan.batch(b, batch_size)
+        yield torch.from_numpy(s.chunks[chunk_ids, :length])
+
+
+def run_bare(s: Setup, batch_size: int, max_batches: int | None = None, cut: bool = False) -> dict:
+    """The decoder stack up to the deepest layer (all of it for --layers all): no hooks, no lm_head.
+
+    Over the full chunks, or with `cut` over exactly the batches tokenprobe runs.
+    """
     import torch
 
     model = s.loaded.model
     base = getattr(model, model.base_model_prefix)  # e.g. Gemma3TextModel: embeddings, blocks, final norm
+    inputs = cut_batches(s, batch_size) if cut else (b[0] for b in batches(s, batch_size))
     tokens = 0
     t = time.perf_counter()
     with torch.inference_mode():
-        for i, (input_ids, _, _, _) in enumerate(batches(s, batch_size)):
+        for i, input_ids in enumerate(inputs):
             if max_batches is not None and i >= max_batches:
                 break
             base(input_ids=input_ids, use_cache=False)
             tokens += input_ids.numel()
     return {"seconds": time.perf_counter() - t, "tokens": tokens}
+
+
+def run_bare_cut(s: Setup, batch_size: int) -> dict:
+    return run_bare(s, batch_size, cut=True)
 
 
 def run_probes_only(s: Setup, batch_size: int, max_batches: int | None = None) -> dict:
@@ -177,7 +216,12 @@ def run_probes_only(s: Setup, batch_size: int, max_batches: int | None = None) -
     return run_tokenprobe(s, batch_size, max_batches, baselines=False)
 
 
-def run_tokenprobe(s: Setup, batch_size: int, max_batches: int | None = None, baselines: bool = True) -> dict:
+def run_auto(s: Setup, batch_size: int) -> dict:
+    """tokenprobe with --batch-size auto (a throughput probe on the CPU, free memory on CUDA)."""
+    return run_tokenprobe(s, "auto")
+
+
+def run_tokenprobe(s: Setup, batch_size: int | str, max_batches: int | None = None, baselines: bool = True) -> dict:
     import dataclasses
 
     from tokenprobe.train import train
@@ -197,7 +241,7 @@ def run_tokenprobe(s: Setup, batch_size: int, max_batches: int | None = None, ba
             "forward_s": result.record["timings"]["forward_s"],
             "train_probes_s": result.record["timings"]["train_probes_s"],
             "timings": result.record["timings"],
-            "batch_size": result.record.get("batch_size", batch_size),
+            "batch_size": result.record["extraction"]["batch_size"],
             "eval": {layer: _ba(m.tp, m.fp, m.tn, m.fn) for layer, m in ev.items()}}
 
 
@@ -465,21 +509,24 @@ def main(argv: list[str] | None = None) -> int:
               f"= {n_tok:,} tokens per forward pass; batch {args.batch_size}", flush=True)
         print("positions: " + "; ".join(f"{k} {v['positions']:,} ({v['positive']:,} positive)" for k, v in counts.items()))
         runs: dict[str, list[dict]] = {c: [] for c in CONFIGS}
-        for rep in range(args.repeats):
-            for name, fn in (("bare", run_bare), ("tokenprobe", run_tokenprobe), ("probes_only", run_probes_only),
-                             ("recipe", run_recipe)):
-                if name in skip:
+        timed = (("bare", run_bare), ("bare_cut", run_bare_cut), ("tokenprobe", run_tokenprobe),
+                 ("probes_only", run_probes_only), ("recipe", run_recipe))
+        for rep in range(max(args.repeats, args.auto_repeats)):
+            for name, fn in timed + (("auto", run_auto),):
+                if name in skip or rep >= (args.auto_repeats if name == "auto" else args.repeats):
                     continue
                 r = fn(s, args.batch_size)
                 runs[name].append(r)
-                print(f"  repeat {rep + 1}/{args.repeats} {name:<10} {r['seconds']:7.1f} s  "
-                      f"{r['tokens'] / r['seconds']:7.0f} tok/s", flush=True)
+                picked = f"  (picked batch {r['batch_size']})" if name == "auto" else ""
+                print(f"  repeat {rep + 1} {name:<12} {r['seconds']:7.1f} s  {r['tokens']:>9,} tokens run{picked}",
+                      flush=True)
         if "seed" not in skip:
             for rep in range(args.seed_repeats):
                 r = run_seed(s, args.batch_size, args.seed_epochs, args.seed_lr)
                 runs["seed"].append(r)
-                print(f"  repeat {rep + 1}/{args.seed_repeats} seed       {r['seconds']:7.1f} s  "
-                      f"({r['tokens']:,} tokens through the model)", flush=True)
+                print(f"  repeat {rep + 1} seed         {r['seconds']:7.1f} s  {r['tokens']:>9,} tokens run "
+                      f"({args.seed_epochs} epoch(s) x {len(r['layers'])} layers, and each layer's evaluation)",
+                      flush=True)
         del s
         summarise(args, runs, n_tok, report)
 
@@ -491,9 +538,10 @@ def main(argv: list[str] | None = None) -> int:
         tp, rc = mem.get("tokenprobe", {}), mem.get("recipe", {})
         if "peak_rss_gb" in tp and "peak_rss_gb" in rc:
             print(f"  tokenprobe / recipe peak memory: {tp['peak_rss_gb'] / rc['peak_rss_gb']:.2f} (target <= 0.20)")
-    if args.startup:
+    if not args.no_startup:
         print("\nsecond `tokenprobe train` from launch to its first forward pass (the first run warms the caches):")
         report["startup_s"] = measure_startup(args)
+        print(f"  median {median(report['startup_s']):.2f} s (target <= 5 s)")
     if args.json:
         args.json.write_text(json.dumps(report, indent=2, default=str))
     return 0
@@ -503,31 +551,37 @@ def summarise(args, runs, n_tok, report) -> None:
     med = {name: median([r["seconds"] for r in rs]) for name, rs in runs.items()}
     report["median_s"] = med
     report["runs"] = runs
-    print(f"\nmedians over {args.repeats} repeat(s) (seed: {args.seed_repeats}), {n_tok:,} tokens:")
-    print(f"  {'configuration':<40} {'wall s':>8} {'tok/s':>8}")
-    labels = {"bare": "bare forward (stack, no lm_head)", "tokenprobe": "tokenprobe --layers all",
-              "probes_only": "tokenprobe --layers all --no-baselines",
-              "recipe": "usual recipe (hidden_states+sklearn)", "seed": f"seed's way (auto layers, {args.seed_epochs} ep)"}
+    print(f"\nmedians over {args.repeats} repeat(s) (auto: {args.auto_repeats}, seed: {args.seed_repeats}); "
+          f"the sweep's chunks hold {n_tok:,} tokens:")
+    print(f"  {'configuration':<42} {'wall s':>8} {'tokens run':>11} {'sweep tok/s':>12}")
     for name in CONFIGS:
         if runs[name]:
             # tokens/s over the tokens the sweep covers, so every row compares the same work
-            print(f"  {labels[name]:<40} {med[name]:8.1f} {n_tok / med[name]:8.0f}")
+            print(f"  {LABELS[name]:<42} {med[name]:8.1f} {runs[name][0]['tokens']:>11,} {n_tok / med[name]:12.0f}")
     if runs["tokenprobe"]:
         tp = runs["tokenprobe"]
         keys = [k for k in tp[0]["timings"] if k not in ("total_s", "load_model_s")]
         print("  tokenprobe breakdown (median s): " + ", ".join(
             f"{k.removesuffix('_s')} {median([r['timings'][k] for r in tp]):.1f}" for k in keys))
+        print(f"  tokenprobe runs {tp[0]['tokens'] / n_tok:.1%} of the chunks' tokens: each chunk stops after its "
+              "last sampled position")
+    if runs["auto"]:
+        print("  --batch-size auto picked " + ", ".join(str(r["batch_size"]) for r in runs["auto"])
+              + f" (the other rows use {args.batch_size})")
     if runs["recipe"]:
         print(f"  recipe breakdown (median): forward {median([r['forward_s'] for r in runs['recipe']]):.1f} s, "
               f"sklearn {median([r['seconds'] - r['forward_s'] for r in runs['recipe']]):.1f} s")
     ratios = {}
-    for label, a, b in (("tokenprobe / bare forward", "tokenprobe", "bare"),
-                        ("--no-baselines / bare forward", "probes_only", "bare"),
-                        ("recipe / tokenprobe", "recipe", "tokenprobe"),
-                        ("seed / tokenprobe", "seed", "tokenprobe")):
+    for label, a, b, target in (("tokenprobe / bare forward", "tokenprobe", "bare", "<= 1.15"),
+                                ("tokenprobe / bare forward, cut batches", "tokenprobe", "bare_cut", ""),
+                                ("--no-baselines / bare forward", "probes_only", "bare", ""),
+                                ("--batch-size auto / batch " + str(args.batch_size), "auto", "tokenprobe", ""),
+                                ("recipe / tokenprobe", "recipe", "tokenprobe", ">= 3"),
+                                ("recipe / --no-baselines", "recipe", "probes_only", ""),
+                                ("seed / tokenprobe", "seed", "tokenprobe", "")):
         if runs[a] and runs[b]:
             ratios[label] = med[a] / med[b]
-            print(f"  {label:<30} {ratios[label]:6.2f}")
+            print(f"  {label:<40} {ratios[label]:6.2f}" + (f"  (target {target})" if target else ""))
     report["ratios"] = ratios
     if runs["tokenprobe"]:
         tp_eval = runs["tokenprobe"][0]["eval"]

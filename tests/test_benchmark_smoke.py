@@ -21,7 +21,7 @@ def _load():
 def test_help_runs_and_names_the_configurations():
     proc = subprocess.run([sys.executable, str(SCRIPT), "--help"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
-    for flag in ("--tokens", "--repeats", "--memory-batch", "--startup", "--large"):
+    for flag in ("--tokens", "--repeats", "--memory-batch", "--no-startup", "--large"):
         assert flag in proc.stdout
 
 
@@ -36,3 +36,37 @@ def test_balanced_accuracy_and_interval():
 def test_large_flag_raises_the_token_count():
     sweep = _load()
     assert sweep.parse_args(["--large"]).tokens > sweep.parse_args([]).tokens
+
+
+def test_every_configuration_runs_end_to_end_on_a_tiny_model(tiny_model_dirs, corpus_file, tmp_path):
+    """The whole benchmark on a tiny Llama: every configuration, memory and startup give figures
+    (their values are not asserted: timings belong to benchmark runs, not to tests)."""
+    out = tmp_path / "figures.json"
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--model", str(tiny_model_dirs["llama"]), "--corpus", str(corpus_file),
+         "--context-length", "32", "--tokens", "2048", "--repeats", "1", "--memory-batch", "4",
+         "--memory-repeats", "1", "--cache-dir", str(tmp_path / "cache"), "--json", str(out)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    import json
+    import math
+
+    figures = json.loads(out.read_text())
+    sweep = _load()
+    assert set(figures["median_s"]) == set(sweep.CONFIGS)
+    assert all(seconds > 0 for seconds in figures["median_s"].values())
+    for ratio in ("tokenprobe / bare forward", "recipe / tokenprobe", "seed / tokenprobe",
+                  "tokenprobe / bare forward, cut batches"):
+        assert figures["ratios"][ratio] > 0, ratio
+    runs = figures["runs"]
+    # tokenprobe runs fewer tokens than the full chunks (cut after the last sampled position), and
+    # exactly the tokens of the bare forward over its cut batches.
+    assert runs["tokenprobe"][0]["tokens"] == runs["bare_cut"][0]["tokens"] < runs["bare"][0]["tokens"]
+    assert isinstance(runs["auto"][0]["batch_size"], int)
+    # Accuracy is compared layer by layer with the recipe.
+    assert set(runs["recipe"][0]["eval"]) == set(runs["tokenprobe"][0]["eval"])
+    for name in ("load", "bare", "tokenprobe", "recipe"):
+        assert figures["memory"][name]["peak_rss_gb"] > 0, figures["memory"][name]
+    assert all(math.isfinite(t) for t in figures["startup_s"])
+    assert "tokenprobe / recipe peak memory" in proc.stdout and "launch -> first forward pass" in proc.stdout
