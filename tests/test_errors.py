@@ -159,6 +159,11 @@ def test_batch_size_zero(tmp_path, llama, corpus_file, session_cache):
                  match=["--batch-size", "at least 1, got 0"])
 
 
+def test_negative_l2(tmp_path, llama, corpus_file, session_cache):
+    expect_error(tmp_path, llama, corpus_file, session_cache, "--l2=-0.5",
+                 match=["--l2 must be auto or a number >= 0, got -0.5"])
+
+
 # --------------------------------------------------------------------------------------------- corpus
 
 

@@ -199,3 +199,57 @@ def test_scratch_buffer_gives_the_same_logits_bit_for_bit():
     assert torch.equal(probe.predict_proba(copy, out=copy), expected)  # standardised in place
     batch = x[:60].reshape(3, 20, 40)
     assert torch.equal(probe.predict_proba(batch, out=torch.empty_like(batch)), probe.predict_proba(batch))
+
+
+def _sparse_signal(n=6000, d=200, seed=0):
+    """Many badly scaled features, few of them informative, noisy labels: easy to overfit with little data."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=g) * torch.logspace(-1, 1, d) + 3
+    y = (x[:, :4] - 3).sum(1) / 0.1 + 2 * torch.randn(n, generator=g) > 0
+    return x, y, torch.arange(n) // 10  # groups: "chunks" of 10 rows
+
+
+def _balanced_accuracy(probe: LinearProbe, x: torch.Tensor, y: torch.Tensor) -> float:
+    predicted = probe.predict(x)
+    return 0.5 * float(predicted[y].float().mean() + (~predicted[~y]).float().mean())
+
+
+def test_auto_l2_is_strong_with_little_data_weak_with_much_and_beats_a_weak_fixed_penalty():
+    x, y, groups = _sparse_signal()
+    test_x, test_y = x[4000:], y[4000:]
+    small = fit_linear_probes(x[None, :400], y[:400], l2="auto", groups=groups[:400], progress=False)[0]
+    large = fit_linear_probes(x[None, :4000], y[:4000], l2="auto", groups=groups[:4000], progress=False)[0]
+    assert small.metadata["l2"] > large.metadata["l2"]
+    weak = fit_linear_probes(x[None, :400], y[:400], l2=1e-4, progress=False)[0]
+    assert _balanced_accuracy(small, test_x, test_y) > _balanced_accuracy(weak, test_x, test_y) + 0.01
+    # The path went from the strongest penalty down and stopped after the best, whose loss is the lowest.
+    path = small.metadata["l2_path"]
+    assert [p for p, _ in path] == list(probes_module.L2_PATH[: len(path)])
+    assert min(path, key=lambda step: step[1])[0] == small.metadata["l2"]
+    assert len(path) < len(probes_module.L2_PATH)
+    assert "80 training positions set aside" in small.metadata["l2_method"]  # a fifth of 40 groups of 10
+    # The final probe is the refit on every row at the chosen penalty: the optimum of that objective.
+    penalty = small.metadata["l2"]
+    assert _probe_loss(small, x[:400], y[:400], l2=penalty) == pytest.approx(_optimum(x[:400], y[:400], l2=penalty),
+                                                                            rel=2e-5)
+
+
+def test_auto_l2_sets_whole_groups_aside_deterministically():
+    y = torch.tensor([0, 1] * 50, dtype=torch.float32)
+    groups = torch.arange(100) // 5  # 20 groups
+    fit, held = probes_module._validation_split(groups, y, seed=3)
+    assert len(set(groups[held].tolist())) == 4  # a fifth of the groups
+    assert not set(groups[held].tolist()) & set(groups[fit].tolist())
+    assert sorted(torch.cat([fit, held]).tolist()) == list(range(100))
+    again = probes_module._validation_split(groups, y, seed=3)
+    assert torch.equal(again[1], held)
+    assert not torch.equal(probes_module._validation_split(groups, y, seed=4)[1], held)
+
+
+def test_auto_l2_falls_back_when_the_rows_cannot_be_split():
+    x, y = _layers(layers=1, n=200)
+    one_group = fit_linear_probes(x, y, l2="auto", groups=torch.zeros(200, dtype=torch.long), progress=False)[0]
+    assert one_group.metadata["l2"] == probes_module.L2_FALLBACK
+    assert one_group.metadata["l2_method"].startswith("fallback")
+    with pytest.raises(ValueError, match="l2 must be"):
+        fit_linear_probes(x, y, l2=-1.0, progress=False)

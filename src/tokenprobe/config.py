@@ -31,6 +31,13 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a whole number or auto, got {text!r}") from None
 
 
+def _number(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or auto, got {text!r}") from None
+
+
 def _opt(help: str, choices: tuple[str, ...] | None = None, **kwargs: Any) -> dict[str, Any]:
     return {"help": help, "choices": choices, **kwargs}
 
@@ -112,7 +119,14 @@ class RunConfig:
         ),
     )
     pos_weight_cap: float = field(default=5.0, metadata=_opt("cap on pos_weight = sqrt(negatives/positives)"))
-    l2: float = field(default=1e-3, metadata=_opt("L2 penalty on the probe weights (standardised inputs)"))
+    l2: float | str = field(
+        default="auto",
+        metadata=_opt(
+            "L2 penalty on the probe weights (standardised inputs), or auto: per layer, the penalty with the "
+            "lowest log-loss on a fifth of the training chunks set aside (strong with little data, weak with much)",
+            type=lambda v: v if v == "auto" else _number(v),
+        ),
+    )
     max_iter: int = field(default=300, metadata=_opt("L-BFGS iterations for probe training"))
     baselines: bool = field(
         default=True,
@@ -155,6 +169,8 @@ class RunConfig:
             raise TokenprobeError(f"--eval-fraction must be between 0 and 1, got {self.eval_fraction}")
         if self.bootstrap != 0 and self.bootstrap < 100:
             raise TokenprobeError(f"--bootstrap must be 0 (no intervals) or at least 100, got {self.bootstrap}")
+        if self.l2 != "auto" and not (isinstance(self.l2, (int, float)) and self.l2 >= 0):
+            raise TokenprobeError(f"--l2 must be auto or a number >= 0, got {self.l2!r}")
         if self.pos_weight_cap < 1.0:
             raise TokenprobeError(f"--pos-weight-cap must be at least 1, got {self.pos_weight_cap}")
         if self.target_id is None and self.target == "":

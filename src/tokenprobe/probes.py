@@ -156,16 +156,24 @@ def pos_weight_for(labels: torch.Tensor, cap: float) -> float:
     return float(min(cap, max(1.0, math.sqrt(negatives / positives))))
 
 
+L2_PATH = (1.0, 0.3, 0.1, 0.03, 0.01, 3e-3, 1e-3, 3e-4, 1e-4)  # tried from the strongest down
+L2_FALLBACK = 1e-3  # for l2="auto" when the training rows cannot be split (one group, or one class aside)
+VALIDATION_FRACTION = 0.2  # of the training groups (chunks), set aside to choose l2
+PATIENCE = 2  # weaker penalties tried after the best one before the path stops
+
+
 def fit_linear_probes(
     x: torch.Tensor | Sequence[torch.Tensor],
     y: torch.Tensor,
-    l2: float = 1e-3,
+    l2: float | str = 1e-3,
     pos_weight: float = 1.0,
     max_iter: int = 300,
     device: torch.device | str = "cpu",
     progress: bool = True,
     rows: torch.Tensor | None = None,
     warm_start: bool = True,
+    groups: torch.Tensor | None = None,
+    seed: int = 0,
 ) -> list[LinearProbe]:
     """Logistic regression per layer: `x` is (layers, n, hidden) or a sequence of (n, hidden), `y` is (n,).
 
@@ -179,6 +187,15 @@ def fit_linear_probes(
     from the previous layer's solution (neighbouring layers' standardised probes are close). The
     minimiser is unique, so the start changes the time taken, not the probe (beyond the tolerance).
     Deterministic: the same inputs give the same probes, bit for bit.
+
+    ``l2="auto"`` chooses the penalty per layer: the training rows of a seeded fifth of the `groups`
+    (chunks: neighbouring positions of one text must not sit on both sides; each row its own group
+    when None) are set aside, probes are fitted on the rest along `L2_PATH` from the strongest penalty
+    down (each warm-started from the last, stopping `PATIENCE` steps after the best), and the penalty
+    with the lowest weighted log-loss on the rows set aside is refitted on all rows. The right penalty
+    shrinks with the data: on Gemma 3 270M's 640-wide residual stream it was about 0.3 with 1,600
+    training positions (0.06 more balanced accuracy than 1e-3) and about 0.03 with 16,000. Each probe's
+    ``metadata`` holds its ``l2`` (and, for auto, the path: penalty and validation loss).
     """
     device = torch.device(device)
     y = y.to(device=device, dtype=torch.float32)
@@ -188,17 +205,87 @@ def fit_linear_probes(
     n = len(rows) if rows is not None else x[0].shape[0]
     if len(y) != n:
         raise ValueError(f"{len(y)} labels for {n} training positions")
-    fitter = _ProbeFitter(n, x[0].shape[-1], y, pos_weight, l2, max_iter, device)
+    hidden = x[0].shape[-1]
+    fitter = _ProbeFitter(n, hidden, y, pos_weight, max_iter, device)
+    chooser = None
+    if l2 == "auto":
+        split = _validation_split(groups if groups is not None else torch.arange(n), y, seed)
+        if split is not None:
+            chooser = _L2Chooser(split, y, rows, hidden, pos_weight, max_iter, device)
+    elif not (isinstance(l2, (int, float)) and l2 >= 0):
+        raise ValueError(f"l2 must be 'auto' or a number >= 0, got {l2!r}")
     probes: list[LinearProbe] = []
     start = None
     with tqdm(total=layers, desc=f"Training {layers} probe(s)", unit="probe", disable=not progress,
               dynamic_ncols=True) as bar:
         for layer_x in x:
-            probe = fitter.fit(layer_x, rows, start if warm_start else None)
+            start = start if warm_start else None
+            if chooser is not None:
+                penalty, start, info = chooser.choose(layer_x, start)
+            else:
+                penalty = L2_FALLBACK if l2 == "auto" else float(l2)
+                info = {"l2": penalty, "l2_method": "fixed" if l2 != "auto" else
+                        "fallback: the training rows could not be split to choose it"}
+            probe = fitter.fit(layer_x, rows, start, penalty)
+            probe.metadata.update(info)
             start = (probe.weight, probe.bias)
             probes.append(probe)
             bar.update(1)
     return probes
+
+
+def _validation_split(groups: torch.Tensor, y: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(fit rows, validation rows): the rows of a seeded `VALIDATION_FRACTION` of the groups set aside;
+    None when that leaves a side without both classes."""
+    unique = torch.unique(groups.cpu())
+    if len(unique) < 2:
+        return None
+    order = torch.randperm(len(unique), generator=torch.Generator().manual_seed(seed))
+    aside = unique[order[: max(1, round(VALIDATION_FRACTION * len(unique)))]]
+    held = torch.isin(groups.cpu(), aside).to(y.device)
+    for part in (held, ~held):
+        labels = y[part]
+        if len(labels) == 0 or bool((labels > 0.5).all()) or bool((labels < 0.5).all()):
+            return None
+    return torch.nonzero(~held).flatten(), torch.nonzero(held).flatten()
+
+
+class _L2Chooser:
+    """Chooses a layer's l2 on training rows set aside (see fit_linear_probes)."""
+
+    def __init__(self, split: tuple[torch.Tensor, torch.Tensor], y: torch.Tensor, rows: torch.Tensor | None,
+                 hidden: int, pos_weight: float, max_iter: int, device: torch.device):
+        fit, held = split
+        self.fit_rows = rows.to(device)[fit] if rows is not None else fit
+        self.held_rows = rows.to(device)[held] if rows is not None else held
+        self.fitter = _ProbeFitter(len(fit), hidden, y[fit], pos_weight, max_iter, device)
+        self.held_y = y[held]
+        weight = torch.where(self.held_y > 0.5, float(pos_weight), 1.0)
+        self.held_v = weight / weight.sum()
+
+    def choose(self, x: torch.Tensor, start: tuple[torch.Tensor, torch.Tensor] | None):
+        """(l2, warm start for the final fit, metadata) for one layer."""
+        held_x = x.index_select(0, self.held_rows.to(x.device))
+        best, best_loss, best_start, since, path = None, math.inf, start, 0, []
+        for penalty in L2_PATH:
+            probe = self.fitter.fit(x, self.fit_rows, start, penalty)
+            start = (probe.weight, probe.bias)
+            logits = probe.decision_function(held_x).to(self.held_y.device)
+            loss = float(torch.nn.functional.binary_cross_entropy_with_logits(
+                logits, self.held_y, weight=self.held_v, reduction="sum"))
+            path.append([penalty, loss])
+            if loss < best_loss:
+                best, best_loss, best_start, since = penalty, loss, start, 0
+            else:
+                since += 1
+                if since >= PATIENCE:
+                    break
+        if best is None:  # no finite validation loss (cannot happen with finite inputs)
+            return L2_FALLBACK, start, {"l2": L2_FALLBACK, "l2_method": "fallback: no finite validation loss",
+                                        "l2_path": path}
+        info = {"l2": best, "l2_method": f"lowest log-loss on {len(self.held_rows):,} training positions set aside",
+                "l2_path": path}
+        return best, best_start, info
 
 
 def _native_bfloat16(device: torch.device) -> bool:
@@ -234,11 +321,11 @@ class _ProbeFitter:
     GRAM_ROWS_PER_FEATURE_FP32 = 8  # the same in float32, on CPUs without native bfloat16
     BLOCK = _ROWS_IN_CACHE
 
-    def __init__(self, n: int, hidden: int, y: torch.Tensor, pos_weight: float, l2: float, max_iter: int,
-                 device: torch.device):
+    def __init__(self, n: int, hidden: int, y: torch.Tensor, pos_weight: float, max_iter: int, device: torch.device):
         if n < 1:
             raise ValueError("no training positions")
-        self.n, self.hidden, self.l2, self.max_iter, self.device = n, hidden, float(l2), int(max_iter), device
+        self.n, self.hidden, self.max_iter, self.device = n, hidden, int(max_iter), device
+        self.l2 = 0.0  # set by each fit
         self.y = y
         weight = torch.where(y > 0.5, float(pos_weight), 1.0)
         self.v = weight / weight.sum()  # normalised sample weights
@@ -323,7 +410,8 @@ class _ProbeFitter:
         return torch.eye(h + 1, device=self.device)  # no usable curvature: plain (scaled) L-BFGS
 
     def fit(self, x: torch.Tensor, rows: torch.Tensor | None,
-            start: tuple[torch.Tensor, torch.Tensor] | None) -> LinearProbe:
+            start: tuple[torch.Tensor, torch.Tensor] | None, l2: float) -> LinearProbe:
+        self.l2 = float(l2)
         mean, scale = self._standardise(x, rows)
         z, h = self.z, self.hidden
         theta = torch.zeros(h + 1, device=self.device)

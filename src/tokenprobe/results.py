@@ -32,6 +32,7 @@ class LayerResult:
     logit_lens: dict[str, BinaryMetrics] = field(default_factory=dict)  # set -> metrics of this layer's logit lens
     logit_lens_intervals: dict[str, Intervals] = field(default_factory=dict)
     auroc_fraction_of_model: dict[str, tuple[float, float, float]] = field(default_factory=dict)  # set -> (value, low, high)
+    l2: float | None = None  # the probe's L2 penalty (chosen per layer with --l2 auto)
 
     @property
     def primary(self) -> BinaryMetrics:
@@ -43,6 +44,7 @@ class LayerResult:
             "layer": self.layer,
             "run_name": self.run_name,
             "probe_file": self.probe_file,
+            "l2": self.l2,
             **with_intervals(self.primary, self.intervals.get("eval", {})),
             "sets": {name: with_intervals(m, self.intervals.get(name, {})) for name, m in self.metrics.items()},
         }

@@ -98,7 +98,7 @@ def log_to_wandb(result, say: Callable[[str], None] = print, project: str | None
     for layer_result in result.layers:
         settings = wandb.Settings(init_timeout=INIT_TIMEOUT_S, silent=True, console="off",
                                   x_disable_stats=True, x_disable_meta=True)
-        config = {**record["config"], "layer": layer_result.layer, "run": record}
+        config = {**record["config"], "layer": layer_result.layer, "l2_chosen": layer_result.l2, "run": record}
         kwargs = dict(project=project or result.config.wandb_project, group=group, name=layer_result.run_name,
                       job_type="probe", config=config, dir=str(base), reinit="finish_previous", settings=settings)
         try:

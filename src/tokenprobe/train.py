@@ -191,8 +191,12 @@ def train(
     # Views of each probed layer: the training rows are gathered one layer at a time inside the fit.
     probes = fit_linear_probes([acts.values[i] for i in probed.tolist()], train_labels, rows=train_rows,
                                l2=config.l2, pos_weight=pos_weight, max_iter=config.max_iter,
-                               device=loaded.device, progress=progress)
+                               device=loaded.device, progress=progress,
+                               groups=torch.from_numpy(positions.chunk)[train_rows], seed=config.seed)
     timings["train_probes_s"] = time.perf_counter() - t
+    penalties = [probe.metadata["l2"] for probe in probes]
+    say(f"L2 penalty {'chosen per layer on a fifth of the training chunks: ' if config.l2 == 'auto' else ''}"
+        f"{_span(penalties)} ({probes[0].metadata['l2_method']})", quiet)
 
     t = time.perf_counter()
     if baselines or config.bootstrap:
@@ -236,6 +240,7 @@ def train(
         metrics = scored.probe_metrics(layer)
         name = run_name(config, layer, loaded.name)
         probe.metadata = {
+            **probe.metadata,  # the L2 penalty and how it was chosen
             "layer": layer, "task": config.task, "target": target.text, "target_ids": [target.token_id],
             "model": loaded.name, "model_source": loaded.source, "weights_hash": loaded.weights_hash,
             "tokenizer_hash": loaded.tokenizer_hash, "hidden_size": loaded.hidden_size,
@@ -246,7 +251,8 @@ def train(
         }
         by_layer[layer] = probe
         results.append(LayerResult(layer=layer, run_name=name, probe_file=f"probes/layer{layer:02d}.safetensors"
-                                   if save else None, metrics=metrics, **scored.layer_fields(layer)))
+                                   if save else None, metrics=metrics, l2=probe.metadata["l2"],
+                                   **scored.layer_fields(layer)))
     timings["total_s"] = time.perf_counter() - started
 
     if save:
@@ -276,6 +282,11 @@ def train(
     if config.wandb:
         log_to_wandb(result, say=say)  # shown even with --quiet: where the runs went matters
     return result
+
+
+def _span(values: list[float]) -> str:
+    low, high = min(values), max(values)
+    return f"{low:g}" if low == high else f"{low:g} to {high:g} (median {float(np.median(values)):g})"
 
 
 def _version() -> str:
