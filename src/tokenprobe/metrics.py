@@ -30,7 +30,7 @@ class BinaryMetrics:
 
 def binary_metrics(labels: np.ndarray, probabilities: np.ndarray, threshold: float = 0.5) -> BinaryMetrics:
     # imported here: sklearn costs ~1 s of startup, which need not come before the forward pass
-    from sklearn.metrics import balanced_accuracy_score, confusion_matrix, roc_auc_score
+    from sklearn.metrics import confusion_matrix, roc_auc_score
 
     labels = np.asarray(labels).astype(bool)
     probabilities = np.asarray(probabilities, dtype=np.float64)
@@ -41,7 +41,8 @@ def binary_metrics(labels: np.ndarray, probabilities: np.ndarray, threshold: flo
         n=int(len(labels)),
         positives=int(labels.sum()),
         negatives=int((~labels).sum()),
-        balanced_accuracy=float(balanced_accuracy_score(labels, predicted)) if both else float("nan"),
+        # sklearn's balanced_accuracy_score, from the confusion matrix already computed
+        balanced_accuracy=float(0.5 * (tp / (tp + fn) + tn / (tn + fp))) if both else float("nan"),
         accuracy=float((predicted == labels).mean()) if len(labels) else float("nan"),
         auroc=float(roc_auc_score(labels, probabilities)) if both else float("nan"),
         tp=int(tp), fp=int(fp), tn=int(tn), fn=int(fn),

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -267,8 +267,7 @@ class _L2Chooser:
         """(l2, warm start for the final fit, metadata) for one layer."""
         held_x = x.index_select(0, self.held_rows.to(x.device))
         best, best_loss, best_start, since, path = None, math.inf, start, 0, []
-        for penalty in L2_PATH:
-            probe = self.fitter.fit(x, self.fit_rows, start, penalty)
+        for penalty, probe in zip(L2_PATH, self.fitter.path(x, self.fit_rows, start, L2_PATH)):
             start = (probe.weight, probe.bias)
             logits = probe.decision_function(held_x).to(self.held_y.device)
             loss = float(torch.nn.functional.binary_cross_entropy_with_logits(
@@ -379,8 +378,8 @@ class _ProbeFitter:
         g[-1] = r.sum()
         return g
 
-    def _preconditioner(self, s: torch.Tensor) -> torch.Tensor:
-        """Cholesky factor of the Hessian at logits `s`: [[Z'DZ + l2 I, Z'D1], [1'DZ, 1'D1]], D = v p (1-p)."""
+    def _curvature(self, s: torch.Tensor) -> torch.Tensor:
+        """The data part of the Hessian at logits `s`: [[Z'DZ, Z'D1], [1'DZ, 1'D1]], D = v p (1-p)."""
         z, h, every = self.z, self.hidden, self.every
         p = torch.sigmoid(s)
         d = self.v * p * (1 - p)
@@ -397,11 +396,17 @@ class _ProbeFitter:
         hessian[:h, h] = torch.mv(z.T, d)
         hessian[h, :h] = hessian[:h, h]
         hessian[h, h] = d.sum()
+        return hessian
+
+    def _preconditioner(self, curvature: torch.Tensor) -> torch.Tensor:
+        """Cholesky factor of the Hessian: `curvature` plus the current l2 on the weights' diagonal."""
+        h = self.hidden
+        hessian = curvature.clone()
         hessian.diagonal()[:h] += self.l2
         lift = 1e-3 * float(hessian.diagonal().abs().mean())
         for _ in range(10):
             factor, info = torch.linalg.cholesky_ex(hessian)
-            if int(info) == 0 and torch.isfinite(factor).all():
+            if int(info) == 0 and torch.isfinite(factor.diagonal()).all():  # a NaN anywhere reaches the diagonal
                 return factor
             # rounding (bfloat16) can leave the sampled Gram matrix slightly indefinite, and saturated
             # probabilities (p(1 - p) = 0) singular: lift its diagonal
@@ -411,8 +416,31 @@ class _ProbeFitter:
 
     def fit(self, x: torch.Tensor, rows: torch.Tensor | None,
             start: tuple[torch.Tensor, torch.Tensor] | None, l2: float) -> LinearProbe:
-        self.l2 = float(l2)
+        return next(self.path(x, rows, start, (l2,)))
+
+    def path(self, x: torch.Tensor, rows: torch.Tensor | None, start: tuple[torch.Tensor, torch.Tensor] | None,
+             penalties: Sequence[float]) -> Iterator[LinearProbe]:
+        """A probe for each penalty in turn, on rows standardised once, each warm-started from the last.
+
+        The data part of the preconditioner (the Gram matrix) is computed once, at the first start;
+        each penalty adds its own diagonal. A preconditioner only steers the steps, so a slightly
+        stale one changes the time taken, not the optimum.
+        """
         mean, scale = self._standardise(x, rows)
+        curvature = None
+        for l2 in penalties:
+            self.l2 = float(l2)
+            theta, s, f = self._start(start)
+            if curvature is None:
+                curvature = self._curvature(s)
+            theta = self._minimise(theta, s, f, self._preconditioner(curvature))
+            probe = LinearProbe(weight=theta[:-1].clone().cpu(), bias=theta[-1].clone().cpu(), mean=mean.cpu(),
+                                scale=scale.cpu())
+            start = (probe.weight, probe.bias)
+            yield probe
+
+    def _start(self, start: tuple[torch.Tensor, torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """(theta, logits, loss) at `start`, or at zero where that is lower."""
         z, h = self.z, self.hidden
         theta = torch.zeros(h + 1, device=self.device)
         s = torch.zeros(self.n, device=self.device)
@@ -423,7 +451,12 @@ class _ProbeFitter:
             f_warm = self._loss(s_warm, warm[:-1])
             if f_warm < f:  # a start worse than zero is no start
                 theta, s, f = warm, s_warm, f_warm
-        factor = self._preconditioner(s)
+        return theta, s, f
+
+    def _minimise(self, theta: torch.Tensor, s: torch.Tensor, f: float, factor: torch.Tensor) -> torch.Tensor:
+        """theta = (w, b) minimising the objective on the standardised rows, from `theta` (logits `s`, loss
+        `f`), with the preconditioner's Cholesky `factor`."""
+        z = self.z
 
         def precondition(vector: torch.Tensor) -> torch.Tensor:
             return torch.cholesky_solve(vector[:, None], factor)[:, 0]
@@ -462,8 +495,7 @@ class _ProbeFitter:
             if not decreased:  # no decrease left above float32 noise
                 break
         self.iterations.append(iterations)
-        return LinearProbe(weight=theta[:-1].clone().cpu(), bias=theta[-1].clone().cpu(), mean=mean.cpu(),
-                           scale=scale.cpu())
+        return theta
 
     @staticmethod
     def _direction(g: torch.Tensor, history: list, precondition) -> torch.Tensor:
