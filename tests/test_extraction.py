@@ -131,3 +131,18 @@ def test_bfloat16_checkpoint_round_trip(tiny_model_dir, cache_dir, tmp_path):
     shard.write_bytes(bytes(data))
     third = extract(loaded, chunks, positions, [1, 2], batch_size=2, progress=False, checkpoint=checkpoint)
     assert third.resumed_batches == 1 and torch.equal(first.values, third.values)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_nonfinite_check_finds_any_nan_or_inf_and_nothing_else(dtype):
+    from tokenprobe.activations import _all_finite
+
+    big = torch.finfo(dtype).max  # the largest finite values (float16's massive activations come close)
+    hidden = torch.full((4, 32, 16), big, dtype=dtype)
+    hidden[1, 3] = -big
+    assert _all_finite(hidden)
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        for where in ((0, 0, 0), (2, 17, 5), (3, 31, 15)):
+            poisoned = hidden.clone()
+            poisoned[where] = bad
+            assert not _all_finite(poisoned), (bad, where)
