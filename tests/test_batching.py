@@ -39,3 +39,29 @@ def test_auto_picks_a_size_and_records_it(tiny_model_dirs, corpus_file, session_
     assert isinstance(picked, int) and picked >= 1
     assert result.record["config"]["batch_size"] == "auto"
     assert f"--batch-size auto: {picked} (" in capsys.readouterr().err
+
+
+def test_cpu_probe_times_doubling_sizes_within_its_budget_or_falls_back(tiny_model_dirs, monkeypatch):
+    import numpy as np
+
+    from tokenprobe import batching
+    from tokenprobe.models import load_model
+
+    loaded = load_model(str(tiny_model_dirs["llama"]), "float32", "cpu")
+    chunks = np.random.default_rng(0).integers(3, 300, (64, 32))
+    calls = []
+    run = batching._run
+    monkeypatch.setattr(batching, "_run", lambda loaded, capture, ids: calls.append(len(ids)) or run(loaded, capture, ids))
+    # A long run: every size up to 64 fits the budget (3% of 100,000 chunks through 3 blocks, the
+    # probe running 2 of them).
+    size, why = batching.choose_batch_size(loaded, chunks, 100_000, [3])
+    assert sorted(set(calls)) == [1, 2, 4, 8, 16, 32, 64] and len(calls) == 3 * 7  # a warm-up round, two timed
+    assert size in {1, 2, 4, 8, 16, 32, 64} and "tokens/s by batch: 1:" in why and "64:" in why
+    # A shorter run affords sizes up to 16 only, and says so.
+    calls.clear()
+    size, why = batching.choose_batch_size(loaded, chunks, 3_000, [3])
+    assert max(calls) == 16 and size <= 16 and "larger batches not tried" in why
+    # A run too short to repay a probe runs none and uses the default batch size.
+    calls.clear()
+    size, why = batching.choose_batch_size(loaded, chunks, 100, [3])
+    assert calls == [] and size == 16 and "too short for a throughput probe" in why

@@ -4,7 +4,9 @@ On CUDA the memory of one and of two chunks is measured on a real forward pass (
 deepest requested layer, as extraction runs it), and the batch is as many chunks as 80% of the free
 memory holds. On the CPU a larger batch only helps while it raises throughput, so a short probe
 times doubling batches through the first blocks of the stack (throughput per block is the same all
-the way up) and keeps the fastest, within a share of the available memory.
+the way up), each after a warm-up call, and keeps the largest within 5% of the fastest, within a
+share of the available memory. The probe costs at most 3% of the run's forward pass: a run too
+short for that uses the default batch size, and says so.
 """
 
 from __future__ import annotations
@@ -20,6 +22,11 @@ from tokenprobe.models import LoadedModel
 
 CPU_MAX_BATCH = 64
 PROBE_DEPTH = 2  # blocks run per CPU throughput probe
+CALLS_PER_SIZE = 3  # a warm-up round, then the best of two timed rounds
+PROBE_BUDGET = 0.03  # the probe may cost at most this share of the run's forward pass
+MIN_SIZES_PROBED = 5  # 1 to 16: a probe that cannot reach the default batch size is not run
+FALLBACK_BATCH_SIZE = 16  # the default --batch-size
+NEAR_BEST = 0.95  # a batch this close to the fastest rate counts as fast
 
 
 def _available_memory_bytes() -> int | None:
@@ -90,25 +97,32 @@ def _cpu_batch_size(loaded, sample, wanted_chunks, context_length):
     if available is not None:
         limit = max(1, min(limit, int(0.5 * available // per_chunk)))
     depth = min(PROBE_DEPTH, loaded.num_layers)
-    best, best_rate, rates, stopped = 1, 0.0, [], False
+    # Chunks the probe may run through `depth` blocks: a share of what the run itself computes.
+    budget = PROBE_BUDGET * wanted_chunks * loaded.num_layers / depth
+    sizes = [n for n in (2**k for k in range(CPU_MAX_BATCH.bit_length())) if n <= limit]
+    affordable = [n for i, n in enumerate(sizes) if CALLS_PER_SIZE * sum(sizes[: i + 1]) <= budget]
+    if len(affordable) < MIN_SIZES_PROBED and len(sizes) >= MIN_SIZES_PROBED:
+        size = min(FALLBACK_BATCH_SIZE, limit)
+        return size, (f"the run ({wanted_chunks:,} chunks) is too short for a throughput probe to pay for itself; "
+                      f"using {size}")
+    # Sizes are timed in turns (a warm-up round, then the best of the timed rounds), so a slow moment
+    # of a busy machine does not fall on one size alone.
+    seconds: dict[int, float] = {n: float("inf") for n in affordable}
     with LayerCapture(loaded, [depth]) as capture:
-        _run(loaded, capture, sample[:1].to(loaded.device))  # warm-up: first-call allocations
-        n = 1
-        while n <= limit:
-            input_ids = sample[:n].to(loaded.device)
-            seconds = []
-            for _ in range(2):
+        for round_ in range(CALLS_PER_SIZE):
+            for n in affordable:
                 t = time.perf_counter()
-                _run(loaded, capture, input_ids)
-                seconds.append(time.perf_counter() - t)
-            rate = input_ids.numel() / min(seconds)
-            rates.append(f"{n}: {rate:,.0f}")
-            if rate > best_rate * 1.03:  # a larger batch must be clearly faster to be worth its memory
-                best, best_rate = n, rate
-            elif rate < 0.9 * best_rate:
-                stopped = True
-                break  # past the peak
-            n *= 2
-    why = (f"fastest in a throughput probe through {depth} block(s), tokens/s by batch: {', '.join(rates)}"
-           + ("" if stopped or limit >= CPU_MAX_BATCH else f"; capped at {limit} by memory and the run's chunks"))
-    return best, why
+                _run(loaded, capture, sample[:n].to(loaded.device))
+                if round_:  # the first call at a new shape sets up its kernels
+                    seconds[n] = min(seconds[n], time.perf_counter() - t)
+    rates = {n: n * sample.shape[1] / seconds[n] for n in affordable}
+    # The largest batch within NEAR_BEST of the fastest: throughput is flat near the peak, the probe is
+    # noisy there, and a real run's fixed cost per batch (hooks, gathering, saving) favours larger batches.
+    fastest = max(rates.values())
+    best = max(size for size, rate in rates.items() if rate >= NEAR_BEST * fastest)
+    listed = ", ".join(f"{size}: {rate:,.0f}" for size, rate in rates.items())
+    cut = affordable[-1] < limit
+    return best, (f"the largest within {1 - NEAR_BEST:.0%} of the fastest in a throughput probe through {depth} "
+                  f"block(s), tokens/s by batch: {listed}"
+                  + (f"; larger batches not tried (the probe may cost at most {PROBE_BUDGET:.0%} of the run)"
+                     if cut else ""))
