@@ -253,3 +253,16 @@ def test_auto_l2_falls_back_when_the_rows_cannot_be_split():
     assert one_group.metadata["l2_method"].startswith("fallback")
     with pytest.raises(ValueError, match="l2 must be"):
         fit_linear_probes(x, y, l2=-1.0, progress=False)
+
+
+def test_auto_l2_searches_near_the_previous_layers_choice_and_finds_the_same_penalty():
+    x, y, groups = _sparse_signal(n=600)
+    drift = torch.randn(600, x.shape[1], generator=torch.Generator().manual_seed(1))
+    layers = torch.stack([x + 0.2 * k * drift for k in range(4)])
+    near = fit_linear_probes(layers, y, l2="auto", groups=groups, progress=False)
+    full = fit_linear_probes(layers, y, l2="auto", groups=groups, progress=False, warm_start=False)
+    assert [p.metadata["l2"] for p in near] == [p.metadata["l2"] for p in full]
+    assert near[0].metadata["l2_path"] == full[0].metadata["l2_path"]  # the first layer has no neighbour
+    # Later layers start at the previous choice: fewer fits than the path from the strongest penalty.
+    assert near[1].metadata["l2_path"][0][0] == near[0].metadata["l2"]
+    assert sum(len(p.metadata["l2_path"]) for p in near[1:]) < sum(len(p.metadata["l2_path"]) for p in full[1:])

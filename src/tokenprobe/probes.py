@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -215,13 +215,13 @@ def fit_linear_probes(
     elif not (isinstance(l2, (int, float)) and l2 >= 0):
         raise ValueError(f"l2 must be 'auto' or a number >= 0, got {l2!r}")
     probes: list[LinearProbe] = []
-    start = None
+    start, penalty = None, None
     with tqdm(total=layers, desc=f"Training {layers} probe(s)", unit="probe", disable=not progress,
               dynamic_ncols=True) as bar:
         for layer_x in x:
             start = start if warm_start else None
             if chooser is not None:
-                penalty, start, info = chooser.choose(layer_x, start)
+                penalty, start, info = chooser.choose(layer_x, start, near=penalty if warm_start and probes else None)
             else:
                 penalty = L2_FALLBACK if l2 == "auto" else float(l2)
                 info = {"l2": penalty, "l2_method": "fixed" if l2 != "auto" else
@@ -263,28 +263,56 @@ class _L2Chooser:
         weight = torch.where(self.held_y > 0.5, float(pos_weight), 1.0)
         self.held_v = weight / weight.sum()
 
-    def choose(self, x: torch.Tensor, start: tuple[torch.Tensor, torch.Tensor] | None):
-        """(l2, warm start for the final fit, metadata) for one layer."""
+    def choose(self, x: torch.Tensor, start: tuple[torch.Tensor, torch.Tensor] | None, near: float | None = None):
+        """(l2, warm start for the final fit, metadata) for one layer.
+
+        Without `near`, penalties are tried from the strongest down until `PATIENCE` steps pass without
+        a new best. With `near` (the previous layer's choice: neighbouring layers want nearly the same
+        penalty), it is tried first, then its stronger neighbours while the loss falls, or else its
+        weaker ones: about half the fits.
+        """
+        self.fitter.prepare(x, self.fit_rows)
         held_x = x.index_select(0, self.held_rows.to(x.device))
-        best, best_loss, best_start, since, path = None, math.inf, start, 0, []
-        for penalty, probe in zip(L2_PATH, self.fitter.path(x, self.fit_rows, start, L2_PATH)):
-            start = (probe.weight, probe.bias)
+        tried: dict[int, tuple[float, LinearProbe]] = {}
+        path = []
+
+        def loss_at(i: int, origin: tuple[torch.Tensor, torch.Tensor] | None) -> float:
+            probe = self.fitter.solve(origin, L2_PATH[i])
             logits = probe.decision_function(held_x).to(self.held_y.device)
             loss = float(torch.nn.functional.binary_cross_entropy_with_logits(
                 logits, self.held_y, weight=self.held_v, reduction="sum"))
-            path.append([penalty, loss])
-            if loss < best_loss:
-                best, best_loss, best_start, since = penalty, loss, start, 0
-            else:
-                since += 1
-                if since >= PATIENCE:
+            tried[i] = (loss if math.isfinite(loss) else math.inf, probe)
+            path.append([L2_PATH[i], loss])
+            return tried[i][0]
+
+        def solution(i: int) -> tuple[torch.Tensor, torch.Tensor]:
+            return tried[i][1].weight, tried[i][1].bias
+
+        if near is None or near not in L2_PATH:
+            best, origin = None, start
+            for i in range(len(L2_PATH)):
+                loss_at(i, origin)
+                origin = solution(i)
+                best = i if best is None or tried[i][0] < tried[best][0] else best
+                if i - best >= PATIENCE:
                     break
-        if best is None:  # no finite validation loss (cannot happen with finite inputs)
+        else:
+            first = L2_PATH.index(near)
+            loss_at(first, start)
+            for step in (-1, 1):  # stronger penalties first, then weaker ones
+                i = first
+                while 0 <= i + step < len(L2_PATH) and loss_at(i + step, solution(i)) < tried[i][0]:
+                    i += step
+                if i != first:
+                    break
+        best = min(tried, key=lambda i: tried[i][0])
+        if not math.isfinite(tried[best][0]):  # cannot happen with finite inputs
             return L2_FALLBACK, start, {"l2": L2_FALLBACK, "l2_method": "fallback: no finite validation loss",
                                         "l2_path": path}
-        info = {"l2": best, "l2_method": f"lowest log-loss on {len(self.held_rows):,} training positions set aside",
+        info = {"l2": L2_PATH[best],
+                "l2_method": f"lowest log-loss on {len(self.held_rows):,} training positions set aside",
                 "l2_path": path}
-        return best, best_start, info
+        return L2_PATH[best], solution(best), info
 
 
 def _native_bfloat16(device: torch.device) -> bool:
@@ -416,28 +444,28 @@ class _ProbeFitter:
 
     def fit(self, x: torch.Tensor, rows: torch.Tensor | None,
             start: tuple[torch.Tensor, torch.Tensor] | None, l2: float) -> LinearProbe:
-        return next(self.path(x, rows, start, (l2,)))
+        self.prepare(x, rows)
+        return self.solve(start, l2)
 
-    def path(self, x: torch.Tensor, rows: torch.Tensor | None, start: tuple[torch.Tensor, torch.Tensor] | None,
-             penalties: Sequence[float]) -> Iterator[LinearProbe]:
-        """A probe for each penalty in turn, on rows standardised once, each warm-started from the last.
+    def prepare(self, x: torch.Tensor, rows: torch.Tensor | None) -> None:
+        """Standardises the rows once, for any number of `solve` calls (penalties) on them."""
+        self.mean, self.scale = self._standardise(x, rows)
+        self.curvature = None
 
-        The data part of the preconditioner (the Gram matrix) is computed once, at the first start;
-        each penalty adds its own diagonal. A preconditioner only steers the steps, so a slightly
-        stale one changes the time taken, not the optimum.
+    def solve(self, start: tuple[torch.Tensor, torch.Tensor] | None, l2: float) -> LinearProbe:
+        """The probe minimising the objective with penalty `l2` on the prepared rows, from `start`.
+
+        The data part of the preconditioner (the Gram matrix) is computed at the first solve after
+        `prepare`; later solves only add their own penalty to its diagonal. A preconditioner only steers
+        the steps, so a slightly stale one changes the time taken, not the optimum.
         """
-        mean, scale = self._standardise(x, rows)
-        curvature = None
-        for l2 in penalties:
-            self.l2 = float(l2)
-            theta, s, f = self._start(start)
-            if curvature is None:
-                curvature = self._curvature(s)
-            theta = self._minimise(theta, s, f, self._preconditioner(curvature))
-            probe = LinearProbe(weight=theta[:-1].clone().cpu(), bias=theta[-1].clone().cpu(), mean=mean.cpu(),
-                                scale=scale.cpu())
-            start = (probe.weight, probe.bias)
-            yield probe
+        self.l2 = float(l2)
+        theta, s, f = self._start(start)
+        if self.curvature is None:
+            self.curvature = self._curvature(s)
+        theta = self._minimise(theta, s, f, self._preconditioner(self.curvature))
+        return LinearProbe(weight=theta[:-1].clone().cpu(), bias=theta[-1].clone().cpu(), mean=self.mean.cpu(),
+                           scale=self.scale.cpu())
 
     def _start(self, start: tuple[torch.Tensor, torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor, float]:
         """(theta, logits, loss) at `start`, or at zero where that is lower."""
