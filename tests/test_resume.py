@@ -35,8 +35,11 @@ def shards(cache: Path) -> list[Path]:
 
 def start_and_wait_for_batches(args: list, cache: Path, n: int) -> subprocess.Popen:
     """Starts a slowed-down run and returns once `n` batches are on disk (the run still going)."""
+    # SIGINT at its default in the child: a shell starts background jobs with it ignored, Python keeps
+    # an inherited SIG_IGN (as `nohup tokenprobe train &` should), and the signal would then do nothing.
     proc = subprocess.Popen(command(args, faults=True), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=cli_env(TP_FAULT_DELAY="0.3"))
+                            env=cli_env(TP_FAULT_DELAY="0.3"),
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + WAIT_LIMIT_S
     while len(shards(cache)) < n:
         if proc.poll() is not None:
