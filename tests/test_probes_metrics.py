@@ -12,8 +12,8 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import balanced_accuracy_score, roc_auc_score
 
 from tokenprobe.errors import TokenprobeError
-from tokenprobe.metrics import binary_metrics
 from tokenprobe.probes import LinearProbe, fit_linear_probes, load_probe, pos_weight_for, read_probe_metadata
+from tokenprobe.uncertainty import binary_metrics
 
 
 def _problem(n=2000, d=16, seed=0):

@@ -25,6 +25,29 @@ def test_resampled_metrics_match_sklearn_with_chunk_weights_and_ties():
         assert np.isclose(got["accuracy"][b], accuracy_score(labels, predicted, sample_weight=row))
 
 
+@pytest.mark.parametrize("resamples", [0, 50])
+def test_point_metrics_of_every_set_match_sklearn(resamples):
+    """The set's own metrics come from the same exact counts as the resamples (every chunk drawn once)."""
+    from sklearn.metrics import balanced_accuracy_score, confusion_matrix
+
+    rng = np.random.default_rng(5)
+    chunk = rng.integers(0, 17, size=400)
+    labels = rng.random(400) < 0.25
+    coarse = np.round(rng.random(400) + labels * 0.5, 1)  # many ties between the classes
+    scorers = {"coarse": Scorer(coarse, 0.7), "fine": Scorer(rng.random(400) + labels * 0.2, 0.55)}
+    sets = {"a": np.arange(0, 400, 2), "b": np.arange(1, 400, 2)}
+    ev = evaluate(scorers, labels, chunk, sets, resamples=resamples, seed=1)
+    for name, s in scorers.items():
+        for subset, idx in sets.items():
+            m, y, predicted = ev.metrics[name][subset], labels[idx], s.scores[idx] >= s.threshold
+            tn, fp, fn, tp = confusion_matrix(y, predicted, labels=[False, True]).ravel()
+            assert (m.tp, m.fp, m.tn, m.fn, m.n) == (tp, fp, tn, fn, len(idx))
+            assert m.balanced_accuracy == pytest.approx(balanced_accuracy_score(y, predicted), abs=1e-12)
+            assert m.auroc == pytest.approx(roc_auc_score(y, s.scores[idx]), abs=1e-12)
+            assert m.accuracy == pytest.approx((predicted == y).mean(), abs=1e-12)
+            assert (name in ev.samples) == (resamples > 0)
+
+
 def test_resampling_unit_is_the_chunk():
     chunk = np.repeat([10, 20, 30, 40], [3, 1, 5, 2])
     counts, inverse = chunk_counts(chunk, 200, np.random.default_rng(1))

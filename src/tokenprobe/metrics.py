@@ -1,11 +1,13 @@
-"""Binary classification metrics, computed with scikit-learn."""
+"""Binary classification metrics of one scorer on one set of positions.
+
+They are computed exactly from integer counts (see :func:`tokenprobe.uncertainty.binary_metrics`), by
+the same code that computes every bootstrap resample, and checked against scikit-learn in the tests.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-
-import numpy as np
 
 
 @dataclass(frozen=True)
@@ -24,27 +26,18 @@ class BinaryMetrics:
     fn: int
     threshold: float
 
+    @classmethod
+    def from_counts(cls, tp: int, fp: int, tn: int, fn: int, auroc: float, threshold: float) -> BinaryMetrics:
+        """From the confusion matrix and the AUROC; balanced accuracy and AUROC are NaN without both classes."""
+        positives, negatives = tp + fn, tn + fp
+        both = positives > 0 and negatives > 0
+        return cls(
+            n=positives + negatives, positives=positives, negatives=negatives,
+            balanced_accuracy=0.5 * (tp / positives + tn / negatives) if both else float("nan"),
+            accuracy=(tp + tn) / (positives + negatives) if positives + negatives else float("nan"),
+            auroc=float(auroc) if both else float("nan"),
+            tp=tp, fp=fp, tn=tn, fn=fn, threshold=float(threshold),
+        )
+
     def to_dict(self) -> dict[str, float | int]:
         return dataclasses.asdict(self)
-
-
-def binary_metrics(labels: np.ndarray, probabilities: np.ndarray, threshold: float = 0.5) -> BinaryMetrics:
-    # imported here: sklearn costs ~1 s of startup, which need not come before the forward pass
-    from sklearn.metrics import confusion_matrix, roc_auc_score
-
-    labels = np.asarray(labels).astype(bool)
-    probabilities = np.asarray(probabilities, dtype=np.float64)
-    predicted = probabilities >= threshold
-    tn, fp, fn, tp = confusion_matrix(labels, predicted, labels=[False, True]).ravel()
-    both = 0 < labels.sum() < len(labels)
-    return BinaryMetrics(
-        n=int(len(labels)),
-        positives=int(labels.sum()),
-        negatives=int((~labels).sum()),
-        # sklearn's balanced_accuracy_score, from the confusion matrix already computed
-        balanced_accuracy=float(0.5 * (tp / (tp + fn) + tn / (tn + fp))) if both else float("nan"),
-        accuracy=float((predicted == labels).mean()) if len(labels) else float("nan"),
-        auroc=float(roc_auc_score(labels, probabilities)) if both else float("nan"),
-        tp=int(tp), fp=int(fp), tn=int(tn), fn=int(fn),
-        threshold=float(threshold),
-    )

@@ -14,9 +14,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from tokenprobe.metrics import BinaryMetrics, binary_metrics
+from tokenprobe.metrics import BinaryMetrics
 
 INTERVAL_METRICS = ("balanced_accuracy", "accuracy", "auroc")
+CONFUSION = ("tp", "fp", "tn", "fn")
 LEVEL = 0.95
 
 
@@ -106,7 +107,8 @@ def _tied_pairs(chunk: np.ndarray, positive: np.ndarray, tied: np.ndarray, k: in
 
 def resampled_metrics(counts: np.ndarray, inverse: np.ndarray, labels: np.ndarray, scores: np.ndarray,
                       threshold: float) -> dict[str, np.ndarray]:
-    """Every metric of INTERVAL_METRICS under each row of chunk draw `counts`; NaN where a class is missing.
+    """Every metric of INTERVAL_METRICS, and the confusion counts, under each row of chunk draw `counts`;
+    NaN where a class is missing. A row of ones (every chunk drawn once) gives the metrics of the set itself.
 
     Every sum here is of integers (and halves) and exact, so the result does not depend on how it is
     computed: m A goes through float32 (twice as fast as float64) where that is exact too.
@@ -136,7 +138,21 @@ def resampled_metrics(counts: np.ndarray, inverse: np.ndarray, labels: np.ndarra
             "balanced_accuracy": np.where(both, 0.5 * (tp / positives + tn / negatives), np.nan),
             "accuracy": (tp + tn) / (positives + negatives),
             "auroc": np.where(both, pairs / (positives * negatives), np.nan),
+            "tp": tp, "fp": negatives - tn, "tn": tn, "fn": positives - tp,
         }
+
+
+def binary_metrics(labels: np.ndarray, scores: np.ndarray, threshold: float = 0.5) -> BinaryMetrics:
+    """Metrics of `scores` (positive when >= `threshold`) against `labels`, every position counted once."""
+    labels = np.asarray(labels).astype(bool)
+    scores = np.asarray(scores, dtype=np.float64)
+    return _point(resampled_metrics(np.ones((1, 1)), np.zeros(len(labels), dtype=np.int64), labels, scores,
+                                    threshold), threshold)
+
+
+def _point(rows: dict[str, np.ndarray], threshold: float, row: int = 0) -> BinaryMetrics:
+    tp, fp, tn, fn = (int(round(rows[c][row])) for c in CONFUSION)
+    return BinaryMetrics.from_counts(tp, fp, tn, fn, rows["auroc"][row], threshold)
 
 
 def interval(values: np.ndarray, level: float = LEVEL) -> tuple[float, float]:
@@ -232,17 +248,19 @@ def evaluate(
         y = labels[idx]
         present = {name: s for name, s in scorers.items() if len(idx) and subset in only.get(name, (subset,))
                    and np.isfinite(s.scores[idx]).all()}
-        for name, s in present.items():
-            result.metrics.setdefault(name, {})[subset] = binary_metrics(y, s.scores[idx], s.threshold)
         result.chunks[subset] = int(len(np.unique(chunk[idx])))
-        if resamples <= 0 or not present:
+        if not present:
             continue
         # One generator per set, seeded independently of the scorers, so every scorer sees the same resamples.
         rng = np.random.default_rng([seed, zlib.crc32(subset.encode())])
-        counts, inverse = chunk_counts(chunk[idx], resamples, rng)
+        counts, inverse = chunk_counts(chunk[idx], max(resamples, 0), rng)
+        # Row 0 draws every chunk once: the set's own metrics, from the same exact counts as the resamples.
+        draws = np.vstack([np.ones((1, counts.shape[1])), counts])
         for name, s in present.items():
-            result.samples.setdefault(name, {})[subset] = resampled_metrics(counts, inverse, y, s.scores[idx],
-                                                                            s.threshold)
+            rows = resampled_metrics(draws, inverse, y, s.scores[idx], s.threshold)
+            result.metrics.setdefault(name, {})[subset] = _point(rows, s.threshold)
+            if resamples > 0:
+                result.samples.setdefault(name, {})[subset] = {m: rows[m][1:] for m in INTERVAL_METRICS}
     return result
 
 
