@@ -6,8 +6,9 @@ sampling decide which chunks run and which positions are kept, and all four conf
 1. bare forward   the decoder stack up to the deepest layer: no hooks, no final unembedding (the floor),
                   over the full chunks; and over tokenprobe's own batches (each chunk cut after its last
                   sampled position, as tokenprobe runs it), so its overhead on the tokens it runs shows too
-2. tokenprobe     ``train(layers="all")`` end to end: positions, one forward pass, all probes, metrics;
-                  also with ``--no-baselines``, and once with ``--batch-size auto
+2. tokenprobe     ``train(layers="all")`` end to end as the command line runs it: positions, one forward
+                  pass, all probes, metrics, baselines, the run folder written (probes, results, report,
+                  plot); once with ``--batch-size auto``, and on request with ``--no-baselines``
 3. usual recipe   AutoModelForCausalLM with output_hidden_states=True (full logits, as people write it),
                   the same positions gathered, sklearn StandardScaler + LogisticRegression per layer
 4. seed's way     the ``auto`` layers, each with a fresh float32 torch probe trained with Adam for a few
@@ -71,7 +72,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tokens", type=int, default=8_192,
                    help="corpus tokens to use (tokenprobe --max-tokens); every chunk of them holds sampled "
                         "positions, so this is the token count each forward pass runs (default: %(default)s)")
-    p.add_argument("--large", action="store_true", help="shorthand for --tokens 204800 (about 10x the default)")
+    p.add_argument("--large", action="store_true", help="shorthand for --tokens 204800 (25x the default)")
+    p.add_argument("--main-job", action="store_true",
+                   help="instead of --tokens, the positions of the README's main job, `tokenprobe train --layers all` "
+                        "(20,000 training and 6,000 held-out positions from the whole corpus: 273k tokens on the "
+                        "default corpus); with --skip recipe,seed,bare_cut,probes_only,auto --repeats 1 --no-memory "
+                        "--no-startup it compares the main job with the bare forward pass")
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
                    help="model dtype for every configuration; auto as in tokenprobe (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=16, help="chunks per forward pass (default: %(default)s)")
@@ -86,7 +92,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="epochs per layer in the seed's way; each costs one forward pass over the training chunks "
                         "per layer (default: %(default)s)")
     p.add_argument("--seed-lr", type=float, default=1e-2, help="Adam learning rate in the seed's way (default: %(default)s)")
-    p.add_argument("--skip", default="", help="comma-separated configurations to skip: " + ",".join(CONFIGS))
+    p.add_argument("--skip", default="bare_cut,probes_only",
+                   help="comma-separated configurations to skip, of " + ",".join(CONFIGS) + "; the default skips the "
+                        "two that only explain tokenprobe's time (its own breakdown says the same), and --skip '' runs "
+                        "every one (default: %(default)s)")
     p.add_argument("--memory-batch", type=int, default=48,
                    help="chunks per forward pass when measuring peak memory (default: %(default)s)")
     p.add_argument("--memory-batches", type=int, default=1,
@@ -117,6 +126,7 @@ class Setup:
     positions: object  # PositionSet
     wanted: object  # np.ndarray of chunk ids that hold a sampled position, sorted
     load_s: float
+    cache_dir: Path
 
 
 def setup(args: argparse.Namespace, batch_size: int) -> Setup:
@@ -139,6 +149,9 @@ def setup(args: argparse.Namespace, batch_size: int) -> Setup:
     config = RunConfig(model=args.model, corpus=args.corpus, context_length=args.context_length,
                        max_tokens=args.tokens, layers="all", dtype=args.dtype, batch_size=batch_size,
                        train_positions=args.tokens, eval_positions=max(100, 25 * held_out_chunks))
+    if args.main_job:  # the positions of `tokenprobe train --layers all`, drawn from the whole corpus
+        config = RunConfig(model=args.model, corpus=args.corpus, context_length=args.context_length,
+                           layers="all", dtype=args.dtype, batch_size=batch_size)
     t = time.perf_counter()
     loaded = load_model(config.model, config.dtype, "cpu", cache_dir)
     load_s = time.perf_counter() - t
@@ -146,7 +159,8 @@ def setup(args: argparse.Namespace, batch_size: int) -> Setup:
     chunks, bos_id, _ = load_chunks(corpus, lambda: loaded.tokenizer, loaded.tokenizer_hash, config.context_length,
                                     cache_dir, False)
     target = cached_target(loaded, config.target, config.target_id, cache_dir)
-    split = split_chunks(len(chunks), config.eval_fraction, config.seed, config.max_tokens // config.context_length)
+    max_chunks = config.max_tokens // config.context_length if config.max_tokens else None
+    split = split_chunks(len(chunks), config.eval_fraction, config.seed, max_chunks)
     labels, valid = task_labels(chunks, target.token_id, config.task, bos_id is not None)
     import warnings
 
@@ -154,7 +168,7 @@ def setup(args: argparse.Namespace, batch_size: int) -> Setup:
         warnings.simplefilter("ignore")  # "only N positive positions exist": intended, we take them all
         positions = sample_positions(labels, valid, split, config.train_positions, config.eval_positions,
                                      config.balance, config.seed)
-    return Setup(loaded, config, chunks, positions, np.unique(positions.chunk), load_s)
+    return Setup(loaded, config, chunks, positions, np.unique(positions.chunk), load_s, Path(cache_dir))
 
 
 def batches(s: Setup, batch_size: int, chunk_ids=None):
@@ -230,19 +244,23 @@ def run_auto(s: Setup, batch_size: int) -> dict:
 
 def run_tokenprobe(s: Setup, batch_size: int | str, max_batches: int | None = None, baselines: bool = True) -> dict:
     import dataclasses
+    import shutil
 
     from tokenprobe.train import train
 
     config = dataclasses.replace(s.config, batch_size=batch_size, baselines=baselines)
     if max_batches is not None:
-        config.max_tokens = min(config.max_tokens, max_batches * batch_size * config.context_length)
+        config.max_tokens = min(config.max_tokens or math.inf, max_batches * batch_size * config.context_length)
     import warnings
 
+    out = Path(tempfile.mkdtemp(prefix="tokenprobe-bench-"))
     t = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "only N positive positions exist": intended, as in setup()
-        result = train(config, loaded=s.loaded, cache_dir=None, save=False, progress=False)
+        # As the command line runs it: probes, results, report and plot written to a run folder.
+        result = train(config, loaded=s.loaded, cache_dir=s.cache_dir, out_dir=out / "run", progress=False)
     seconds = time.perf_counter() - t
+    shutil.rmtree(out, ignore_errors=True)
     ev = {r.layer: r.metrics["eval"] for r in result.layers}
     return {"seconds": seconds, "tokens": result.record["extraction"]["tokens"],
             "forward_s": result.record["timings"]["forward_s"],

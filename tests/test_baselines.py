@@ -118,6 +118,21 @@ def test_threshold_maximises_balanced_accuracy_on_training_scores():
         assert 0.5 * (p[labels].mean() + (~p[~labels]).mean()) <= best + 1e-12
 
 
+@pytest.mark.parametrize("seed", range(5))
+def test_threshold_is_the_best_point_of_sklearns_roc_curve(seed):
+    from sklearn.metrics import roc_curve
+
+    rng = np.random.default_rng(seed)
+    labels = rng.random(300) < 0.3
+    scores = np.round(rng.random(300) + labels * 0.3, 1 + seed % 3)  # coarse scores: ties across classes
+    fpr, tpr, thresholds = roc_curve(labels, scores, drop_intermediate=False)
+    j = tpr - fpr
+    threshold = choose_threshold(labels, scores)
+    predicted = scores >= threshold
+    assert predicted[labels].mean() - predicted[~labels].mean() == pytest.approx(j.max(), abs=1e-12)
+    assert threshold == thresholds[int(np.argmax(j))]
+
+
 def test_model_probability_runs_once_per_position_shared_by_two_sets(loaded_models, monkeypatch):
     """A (chunk, position) in both held-out sets gets the full softmax once, and the same score in both."""
     from tokenprobe import baselines

@@ -45,7 +45,7 @@ def test_every_configuration_runs_end_to_end_on_a_tiny_model(tiny_model_dirs, co
     proc = subprocess.run(
         [sys.executable, str(SCRIPT), "--model", str(tiny_model_dirs["llama"]), "--corpus", str(corpus_file),
          "--context-length", "32", "--tokens", "2048", "--repeats", "1", "--memory-batch", "4",
-         "--memory-batches", "2", "--memory-repeats", "1", "--cache-dir", str(tmp_path / "cache"), "--json", str(out)],
+         "--memory-batches", "2", "--memory-repeats", "1", "--skip", "", "--cache-dir", str(tmp_path / "cache"), "--json", str(out)],
         capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]

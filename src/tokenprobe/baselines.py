@@ -45,15 +45,22 @@ def logit_lens_name(layer: int) -> str:
 
 
 def choose_threshold(labels: np.ndarray, scores: np.ndarray) -> float:
-    """The threshold (predict positive when score >= it) that maximises balanced accuracy."""
+    """The threshold (predict positive when score >= it) that maximises balanced accuracy.
+
+    Balanced accuracy at a threshold is (TPR + 1 - FPR) / 2, so this is the point of the ROC curve
+    farthest above the diagonal (the highest threshold among ties), found from one sort and the
+    cumulative class counts at each distinct score. Equal to the best threshold on
+    ``sklearn.metrics.roc_curve`` (tested), without the 2 s that importing scikit-learn costs every run.
+    """
     labels = np.asarray(labels).astype(bool)
     if labels.all() or not labels.any():
         return float("inf") if not labels.any() else float("-inf")
-    from sklearn.metrics import roc_curve  # imported here: sklearn costs ~1 s of startup before the forward pass
-
-    fpr, tpr, thresholds = roc_curve(labels, scores)
-    best = int(np.argmax(tpr - fpr))
-    return float(thresholds[best])
+    order = np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable")
+    ordered, positive = np.asarray(scores, dtype=np.float64)[order], labels[order]
+    last_of_score = np.r_[ordered[1:] != ordered[:-1], True]  # predict positive down to each distinct score
+    tpr = np.cumsum(positive)[last_of_score] / positive.sum()
+    fpr = np.cumsum(~positive)[last_of_score] / (~positive).sum()
+    return float(ordered[last_of_score][int(np.argmax(tpr - fpr))])
 
 
 @dataclass
