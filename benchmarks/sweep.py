@@ -107,6 +107,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-startup", action="store_true",
                    help="skip timing a second `tokenprobe train` from launch to its first forward pass")
     p.add_argument("--json", type=Path, default=None, help="also write every figure to this JSON file")
+    p.add_argument("--out", type=Path, default=None,
+                   help="keep the run folder of tokenprobe's last timed run here (results, report, probes)")
     p.add_argument("--cache-dir", type=Path, default=None, help="tokenprobe cache (default: $TOKENPROBE_CACHE or ~/.cache/tokenprobe)")
     p.add_argument("--child", choices=CONFIGS + ("load",), help=argparse.SUPPRESS)  # internal: one memory measurement
     args = p.parse_args(argv)
@@ -242,7 +244,8 @@ def run_auto(s: Setup, batch_size: int) -> dict:
     return run_tokenprobe(s, "auto")
 
 
-def run_tokenprobe(s: Setup, batch_size: int | str, max_batches: int | None = None, baselines: bool = True) -> dict:
+def run_tokenprobe(s: Setup, batch_size: int | str, max_batches: int | None = None, baselines: bool = True,
+                   keep: Path | None = None) -> dict:
     import dataclasses
     import shutil
 
@@ -260,6 +263,9 @@ def run_tokenprobe(s: Setup, batch_size: int | str, max_batches: int | None = No
         # As the command line runs it: probes, results, report and plot written to a run folder.
         result = train(config, loaded=s.loaded, cache_dir=s.cache_dir, out_dir=out / "run", progress=False)
     seconds = time.perf_counter() - t
+    if keep is not None:
+        shutil.rmtree(keep, ignore_errors=True)
+        shutil.move(out / "run", keep)
     shutil.rmtree(out, ignore_errors=True)
     ev = {r.layer: r.metrics["eval"] for r in result.layers}
     return {"seconds": seconds, "tokens": result.record["extraction"]["tokens"],
@@ -453,24 +459,55 @@ def _mem(m: dict) -> str:
 # ------------------------------------------------------------------------------------------- startup
 
 
-def measure_import_floor(model_module: str) -> list[float]:
-    """Seconds for a bare Python to import torch and the model's transformers code, twice: the part of
-    any startup that tokenprobe cannot shorten."""
+def import_floor_once(model_module: str) -> float:
+    """Seconds for a bare Python to import torch and the model's transformers code: the part of any
+    startup that tokenprobe cannot shorten."""
     code = f"import torch, transformers; from transformers import AutoModelForCausalLM; import {model_module}"
-    times = []
-    for _ in range(2):
+    started = time.perf_counter()
+    subprocess.run([sys.executable, "-c", code], check=True)
+    return time.perf_counter() - started
+
+
+def startup_once(args: argparse.Namespace) -> float:
+    """Seconds from launching `tokenprobe train` (model and chunks cached) to its 'Forward pass' bar."""
+    exe = Path(sys.executable).with_name("tokenprobe")
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [str(exe), "train", "--model", args.model, "--corpus", args.corpus, "--max-tokens",
+               str(16 * args.context_length), "--context-length", str(args.context_length), "--layers", "all",
+               "--out", str(Path(tmp) / "run")]
+        if args.cache_dir:
+            cmd += ["--cache-dir", str(args.cache_dir)]
         started = time.perf_counter()
-        subprocess.run([sys.executable, "-c", code], check=True)
-        times.append(time.perf_counter() - started)
-        print(f"  python importing torch and {model_module}: {times[-1]:.2f} s", flush=True)
-    return times
+        proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL)
+        seen = threading.Event()
+        seen_at = [float("nan")]
+
+        def watch():
+            buf = b""
+            while True:
+                ch = proc.stderr.read1(4096) if hasattr(proc.stderr, "read1") else proc.stderr.read(1)
+                if not ch:
+                    return
+                buf += ch
+                if not seen.is_set() and b"Forward pass" in buf:
+                    seen_at[0] = time.perf_counter() - started
+                    seen.set()
+                buf = buf[-64:]
+
+        watcher = threading.Thread(target=watch, daemon=True)
+        watcher.start()
+        seen.wait(600)
+        proc.terminate()  # the time to the first forward pass is all we wanted from this run
+        proc.wait()
+        watcher.join(5)
+    return seen_at[0]
 
 
-def measure_startup(args: argparse.Namespace) -> list[float]:
-    """Seconds from launching `tokenprobe train` to its 'Forward pass' progress bar, twice.
+def measure_startup(args: argparse.Namespace, model_module: str, repeats: int = 3) -> tuple[list[float], list[float]]:
+    """(startup seconds, import floor seconds), measured in turns so that both see the same machine.
 
-    Each run is stopped there, so it leaves its extraction checkpoint (kept for a resume) in the cache:
-    the folders it made are removed, and the second run does not resume from the first.
+    Each startup run is stopped at its first forward pass, so it leaves its extraction checkpoint (kept
+    for a resume) in the cache: the folders it made are removed, and no run resumes from another.
     """
     import shutil
 
@@ -478,43 +515,15 @@ def measure_startup(args: argparse.Namespace) -> list[float]:
 
     extraction = Path(args.cache_dir or default_cache_dir()) / "extraction"
     existing = set(extraction.iterdir()) if extraction.is_dir() else set()
-    times = []
-    exe = Path(sys.executable).with_name("tokenprobe")
-    for _ in range(2):
-        with tempfile.TemporaryDirectory() as tmp:
-            cmd = [str(exe), "train", "--model", args.model, "--corpus", args.corpus, "--max-tokens",
-                   str(16 * args.context_length), "--context-length", str(args.context_length), "--layers", "all",
-                   "--out", str(Path(tmp) / "run")]
-            if args.cache_dir:
-                cmd += ["--cache-dir", str(args.cache_dir)]
-            started = time.perf_counter()
-            proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL)
-            seen = threading.Event()
-            seen_at = [float("nan")]
-
-            def watch():
-                buf = b""
-                while True:
-                    ch = proc.stderr.read1(4096) if hasattr(proc.stderr, "read1") else proc.stderr.read(1)
-                    if not ch:
-                        return
-                    buf += ch
-                    if not seen.is_set() and b"Forward pass" in buf:
-                        seen_at[0] = time.perf_counter() - started
-                        seen.set()
-                    buf = buf[-64:]
-
-            watcher = threading.Thread(target=watch, daemon=True)
-            watcher.start()
-            seen.wait(600)
-            proc.terminate()  # the time to the first forward pass is all we wanted from this run
-            proc.wait()
-            watcher.join(5)
-            for folder in (set(extraction.iterdir()) if extraction.is_dir() else set()) - existing:
-                shutil.rmtree(folder, ignore_errors=True)
-            times.append(seen_at[0])
-            print(f"  launch -> first forward pass: {seen_at[0]:.2f} s", flush=True)
-    return times
+    starts, floors = [], []
+    for _ in range(repeats):
+        starts.append(startup_once(args))
+        for folder in (set(extraction.iterdir()) if extraction.is_dir() else set()) - existing:
+            shutil.rmtree(folder, ignore_errors=True)
+        floors.append(import_floor_once(model_module))
+        print(f"  launch -> first forward pass: {starts[-1]:.2f} s; python importing torch and {model_module}: "
+              f"{floors[-1]:.2f} s", flush=True)
+    return starts, floors
 
 
 # ---------------------------------------------------------------------------------------------- main
@@ -574,7 +583,7 @@ def main(argv: list[str] | None = None) -> int:
             for name, fn in timed:
                 if name in skip or rep >= (args.repeats if name in TARGETED else args.extra_repeats):
                     continue
-                r = fn(s, args.batch_size)
+                r = fn(s, args.batch_size, keep=args.out) if name == "tokenprobe" and args.out else fn(s, args.batch_size)
                 runs[name].append(r)
                 picked = f"  (picked batch {r['batch_size']})" if name == "auto" else ""
                 print(f"  repeat {rep + 1} {name:<12} {r['seconds']:7.1f} s  {r['tokens']:>9,} tokens run{picked}",
@@ -600,11 +609,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  tokenprobe / recipe peak memory: {tp['peak_rss_gb'] / rc['peak_rss_gb']:.2f} (target <= 0.20)")
     if not args.no_startup:
         print("\nsecond `tokenprobe train` from launch to its first forward pass (the first run warms the caches):")
-        report["startup_s"] = measure_startup(args)
-        report["import_floor_s"] = measure_import_floor(report.get("model_module", "transformers.modeling_utils"))
+        report["startup_s"], report["import_floor_s"] = measure_startup(
+            args, report.get("model_module", "transformers.modeling_utils"))
         start, floor = median(report["startup_s"]), median(report["import_floor_s"])
-        print(f"  median {start:.2f} s (target <= 5 s), of which {floor:.2f} s is importing torch and transformers' "
-              f"model code; tokenprobe's own: {start - floor:.2f} s")
+        print(f"  medians: {start:.2f} s to the first forward pass (target <= 5 s); {floor:.2f} s of any start is "
+              f"importing torch and transformers' model code, so tokenprobe's own share is about {start - floor:.1f} s")
     report["benchmark_s"] = time.perf_counter() - began
     print(f"\nbenchmark wall time: {report['benchmark_s'] / 60:.1f} min")
     if args.json:
