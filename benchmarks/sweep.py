@@ -6,6 +6,10 @@ sampling decide which chunks run and which positions are kept, and all four conf
 1. bare forward   the decoder stack up to the deepest layer: no hooks, no final unembedding (the floor),
                   over the full chunks; and over tokenprobe's own batches (each chunk cut after its last
                   sampled position, as tokenprobe runs it), so its overhead on the tokens it runs shows too
+   paired         tokenprobe's own forward pass (hooks on every layer, sampled positions gathered, NaN/Inf
+                  checked) and the bare stack, batch by batch in turns, alternating which goes first: their
+                  ratio is free of the machine's drift, and with tokenprobe's breakdown it estimates
+                  tokenprobe / bare forward at any size
 2. tokenprobe     ``train(layers="all")`` end to end as the command line runs it: positions, one forward
                   pass, all probes, metrics, baselines, the run folder written (probes, results, report,
                   plot); once with ``--batch-size auto``, and on request with ``--no-baselines``
@@ -24,7 +28,7 @@ median of ``--memory-repeats``) at ``--memory-batch`` chunks per forward pass. T
 a second ``tokenprobe train`` from launch to its first forward pass, beside the floor no run can beat:
 a bare Python importing torch and the model's transformers code.
 
-    python benchmarks/sweep.py                  # defaults: 8,192 tokens, about 14 minutes on 2 CPU cores (float32)
+    python benchmarks/sweep.py                  # defaults: 7,168 tokens, about 14 minutes on 2 CPU cores (float32)
     python benchmarks/sweep.py --large          # 204,800 tokens
 """
 
@@ -47,11 +51,12 @@ from pathlib import Path
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-CONFIGS = ("bare", "bare_cut", "tokenprobe", "probes_only", "recipe", "auto", "seed")
+CONFIGS = ("bare", "bare_cut", "paired", "tokenprobe", "probes_only", "recipe", "auto", "seed")
 TARGETED = ("bare", "tokenprobe", "recipe")  # the configurations issue 6's targets compare: --repeats each
 LABELS = {
     "bare": "bare forward (stack, no lm_head)",
     "bare_cut": "bare forward, tokenprobe's cut batches",
+    "paired": "hooked forward, paired with bare per batch",
     "tokenprobe": "tokenprobe --layers all",
     "probes_only": "tokenprobe --layers all --no-baselines",
     "recipe": "usual recipe (hidden_states+sklearn)",
@@ -69,10 +74,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model", default="gemma-3-270m", help="as tokenprobe --model (default: %(default)s)")
     p.add_argument("--corpus", default="wiki-summaries", help="as tokenprobe --corpus (default: %(default)s)")
     p.add_argument("--context-length", type=int, default=256, help="tokens per chunk (default: %(default)s)")
-    p.add_argument("--tokens", type=int, default=8_192,
+    p.add_argument("--tokens", type=int, default=7_168,
                    help="corpus tokens to use (tokenprobe --max-tokens); every chunk of them holds sampled "
                         "positions, so this is the token count each forward pass runs (default: %(default)s)")
-    p.add_argument("--large", action="store_true", help="shorthand for --tokens 204800 (25x the default)")
+    p.add_argument("--large", action="store_true", help="shorthand for --tokens 204800 (about 30x the default)")
+    p.add_argument("--paired-batches", type=int, default=4,
+                   help="batches of tokenprobe's own run timed in the paired configuration, each through the bare "
+                        "stack and through tokenprobe's hooked forward in turn (default: %(default)s)")
     p.add_argument("--main-job", action="store_true",
                    help="instead of --tokens, the positions of the README's main job, `tokenprobe train --layers all` "
                         "(20,000 training and 6,000 held-out positions from the whole corpus: 273k tokens on the "
@@ -129,6 +137,7 @@ class Setup:
     wanted: object  # np.ndarray of chunk ids that hold a sampled position, sorted
     load_s: float
     cache_dir: Path
+    paired_batches: int
 
 
 def setup(args: argparse.Namespace, batch_size: int) -> Setup:
@@ -170,7 +179,8 @@ def setup(args: argparse.Namespace, batch_size: int) -> Setup:
         warnings.simplefilter("ignore")  # "only N positive positions exist": intended, we take them all
         positions = sample_positions(labels, valid, split, config.train_positions, config.eval_positions,
                                      config.balance, config.seed)
-    return Setup(loaded, config, chunks, positions, np.unique(positions.chunk), load_s, Path(cache_dir))
+    return Setup(loaded, config, chunks, positions, np.unique(positions.chunk), load_s, Path(cache_dir),
+                 args.paired_batches)
 
 
 def batches(s: Setup, batch_size: int, chunk_ids=None):
@@ -231,6 +241,39 @@ def run_bare(s: Setup, batch_size: int, max_batches: int | None = None, cut: boo
 
 def run_bare_cut(s: Setup, batch_size: int) -> dict:
     return run_bare(s, batch_size, cut=True)
+
+
+def run_paired(s: Setup, batch_size: int) -> dict:
+    """tokenprobe's hooked forward and the bare stack on the same batch, one right after the other
+    (which goes first alternates), for the first `--paired-batches` batches of tokenprobe's own run."""
+    import torch
+
+    from tokenprobe.activations import LayerCapture, RunPlan
+
+    model = s.loaded.model
+    base = getattr(model, model.base_model_prefix)
+    plan = RunPlan.of(s.positions)
+    capture = LayerCapture(s.loaded, list(range(s.loaded.num_layers + 1)))
+    seconds = {"bare": 0.0, "hooked": 0.0}
+    tokens = 0
+    with torch.inference_mode():
+        for i, first in enumerate(range(0, len(plan.chunks), batch_size)):
+            if i >= s.paired_batches:
+                break
+            chunk_ids, index, rows, length = plan.batch(first, batch_size)
+            input_ids = torch.from_numpy(s.chunks[chunk_ids, :length])
+            cols = torch.from_numpy(s.positions.position[index])
+            for name in ("bare", "hooked") if i % 2 == 0 else ("hooked", "bare"):
+                t = time.perf_counter()
+                if name == "bare":
+                    base(input_ids=input_ids, use_cache=False)
+                else:
+                    with capture:
+                        capture.run(model, input_ids, torch.from_numpy(rows), cols)
+                seconds[name] += time.perf_counter() - t
+            tokens += input_ids.numel()
+    return {"seconds": seconds["hooked"], "bare_seconds": seconds["bare"], "tokens": tokens,
+            "ratio": seconds["hooked"] / seconds["bare"]}
 
 
 def run_probes_only(s: Setup, batch_size: int, max_batches: int | None = None) -> dict:
@@ -577,7 +620,7 @@ def main(argv: list[str] | None = None) -> int:
               f"= {n_tok:,} tokens per forward pass; batch {args.batch_size}", flush=True)
         print("positions: " + "; ".join(f"{k} {v['positions']:,} ({v['positive']:,} positive)" for k, v in counts.items()))
         runs: dict[str, list[dict]] = {c: [] for c in CONFIGS}
-        timed = (("bare", run_bare), ("bare_cut", run_bare_cut), ("tokenprobe", run_tokenprobe),
+        timed = (("bare", run_bare), ("bare_cut", run_bare_cut), ("paired", run_paired), ("tokenprobe", run_tokenprobe),
                  ("probes_only", run_probes_only), ("recipe", run_recipe), ("auto", run_auto))
         for rep in range(max(args.repeats, args.extra_repeats)):
             for name, fn in timed:
@@ -640,6 +683,17 @@ def summarise(args, runs, n_tok, report) -> None:
             f"{k.removesuffix('_s')} {median([r['timings'][k] for r in tp]):.1f}" for k in keys))
         print(f"  tokenprobe runs {tp[0]['tokens'] / n_tok:.1%} of the chunks' tokens: each chunk stops after its "
               "last sampled position")
+    if runs["paired"] and runs["tokenprobe"]:
+        paired = median([r["ratio"] for r in runs["paired"]])
+        tp = runs["tokenprobe"]
+        forward, total = median([r["forward_s"] for r in tp]), median([r["seconds"] for r in tp])
+        share = tp[0]["tokens"] / n_tok
+        estimate = total / forward * paired * share
+        report["paired_forward_ratio"], report["estimated_tokenprobe_over_bare"] = paired, estimate
+        print(f"  tokenprobe's forward pass / the bare stack, batch by batch in turns: {paired:.3f} "
+              f"({runs['paired'][0]['tokens']:,} tokens each)")
+        print(f"  so tokenprobe / bare forward, free of drift: {total:.1f} / {forward:.1f} s of its run is its forward "
+              f"pass, x {paired:.3f}, x {share:.3f} of the chunks' tokens run = {estimate:.2f}")
     if runs["auto"]:
         print("  --batch-size auto picked " + ", ".join(str(r["batch_size"]) for r in runs["auto"])
               + f" (the other rows use {args.batch_size})")

@@ -64,6 +64,8 @@ def test_every_configuration_runs_end_to_end_on_a_tiny_model(tiny_model_dirs, co
     # exactly the tokens of the bare forward over its cut batches.
     assert runs["tokenprobe"][0]["tokens"] == runs["bare_cut"][0]["tokens"] < runs["bare"][0]["tokens"]
     assert isinstance(runs["auto"][0]["batch_size"], int)
+    # the paired forward passes and the drift-free estimate built on them
+    assert runs["paired"][0]["ratio"] > 0 and figures["estimated_tokenprobe_over_bare"] > 0
     # Accuracy is compared layer by layer with the recipe.
     assert set(runs["recipe"][0]["eval"]) == set(runs["tokenprobe"][0]["eval"])
     for name in ("load", "bare", "tokenprobe", "recipe"):

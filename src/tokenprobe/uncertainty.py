@@ -150,9 +150,10 @@ def binary_metrics(labels: np.ndarray, scores: np.ndarray, threshold: float = 0.
                                     threshold), threshold)
 
 
-def _point(rows: dict[str, np.ndarray], threshold: float, row: int = 0) -> BinaryMetrics:
-    tp, fp, tn, fn = (int(round(rows[c][row])) for c in CONFUSION)
-    return BinaryMetrics.from_counts(tp, fp, tn, fn, rows["auroc"][row], threshold)
+def _point(rows: dict[str, np.ndarray], threshold: float) -> BinaryMetrics:
+    """The metrics of the first row of draws (every chunk drawn once)."""
+    tp, fp, tn, fn = (int(round(rows[c][0])) for c in CONFUSION)
+    return BinaryMetrics.from_counts(tp, fp, tn, fn, rows["auroc"][0], threshold)
 
 
 def interval(values: np.ndarray, level: float = LEVEL) -> tuple[float, float]:
