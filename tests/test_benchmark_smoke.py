@@ -21,7 +21,7 @@ def _load():
 def test_help_runs_and_names_the_configurations():
     proc = subprocess.run([sys.executable, str(SCRIPT), "--help"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
-    for flag in ("--tokens", "--repeats", "--memory-batch", "--no-startup", "--large"):
+    for flag in ("--tokens", "--repeats", "--memory-batch", "--no-startup", "--large", "--device"):
         assert flag in proc.stdout
 
 
@@ -31,6 +31,18 @@ def test_balanced_accuracy_and_interval():
     assert ba == 0.75
     assert se > 0
     assert sweep._ba(10, 0, 10, 0) == (1.0, 0.0)
+
+
+def test_cuda_without_a_device_is_a_one_line_error():
+    import torch
+
+    if torch.cuda.is_available():
+        import pytest
+
+        pytest.skip("this machine has CUDA")
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--device", "cuda"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert "no CUDA device" in proc.stderr.splitlines()[-1] and "Traceback" not in proc.stderr
 
 
 def test_large_flag_raises_the_token_count():
@@ -74,4 +86,5 @@ def test_every_configuration_runs_end_to_end_on_a_tiny_model(tiny_model_dirs, co
     assert all(t > 0 for t in figures["import_floor_s"]) and "tokenprobe's own share" in proc.stdout
     # the startup runs are stopped at their first forward pass: their checkpoints must not stay in the cache
     assert not list((tmp_path / "cache" / "extraction").glob("*"))
-    assert "tokenprobe / recipe peak memory" in proc.stdout and "launch -> first forward pass" in proc.stdout
+    assert math.isfinite(figures["startup_own_s"])
+    assert "tokenprobe / recipe peak resident memory" in proc.stdout and "launch -> first forward pass" in proc.stdout
