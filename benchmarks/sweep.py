@@ -151,8 +151,6 @@ class Setup:
 
 def setup(args: argparse.Namespace, batch_size: int) -> Setup:
     """The model (once) and tokenprobe's own chunks, split and balanced positions."""
-    import dataclasses
-
     import numpy as np
 
     from tokenprobe.chunks import load_chunks
@@ -168,14 +166,12 @@ def setup(args: argparse.Namespace, batch_size: int) -> Setup:
     # per chunk. Held out: as a default run samples them (about 25 natural-ratio positions per held-out
     # chunk, 6,000 of 273k tokens), so the baselines' full-vocabulary softmax covers the same share.
     held_out_chunks = max(1, round(args.tokens // args.context_length * RunConfig.eval_fraction))
-    config = RunConfig(model=args.model, corpus=args.corpus, context_length=args.context_length,
-                       max_tokens=args.tokens, layers="all", dtype=args.dtype, batch_size=batch_size,
-                       train_positions=args.tokens, eval_positions=max(100, 25 * held_out_chunks))
-    if args.main_job:  # the positions of `tokenprobe train --layers all`, drawn from the whole corpus
-        config = RunConfig(model=args.model, corpus=args.corpus, context_length=args.context_length,
-                           layers="all", dtype=args.dtype, batch_size=batch_size)
+    # --main-job: the positions of `tokenprobe train --layers all`, drawn from the whole corpus
+    sized = {} if args.main_job else {"max_tokens": args.tokens, "train_positions": args.tokens,
+                                      "eval_positions": max(100, 25 * held_out_chunks)}
+    config = RunConfig(model=args.model, corpus=args.corpus, context_length=args.context_length, layers="all",
+                       dtype=args.dtype, device=args.device, batch_size=batch_size, **sized)
     t = time.perf_counter()
-    config = dataclasses.replace(config, device=args.device)
     loaded = load_model(config.model, config.dtype, config.device, cache_dir)
     load_s = time.perf_counter() - t
     corpus = load_corpus(config.corpus, config.text_field, config.corpus_config, config.corpus_split)
@@ -228,16 +224,18 @@ def now(s: Setup) -> float:
 
 
 def cut_batches(s: Setup, batch_size: int):
-    """input_ids of tokenprobe's own batches: chunks longest first, each batch cut after its last
-    sampled position (tokenprobe.activations.RunPlan)."""
+    """(input_ids, rows, cols) of tokenprobe's own batches on the model's device: chunks longest first,
+    each batch cut after its last sampled position (tokenprobe.activations.RunPlan)."""
     import torch
 
     from tokenprobe.activations import RunPlan
 
     plan = RunPlan.of(s.positions)
+    dev = s.loaded.device
     for b in range(0, len(plan.chunks), batch_size):
-        chunk_ids, _, _, length = plan.batch(b, batch_size)
-        yield torch.from_numpy(s.chunks[chunk_ids, :length]).to(s.loaded.device)
+        chunk_ids, index, rows, length = plan.batch(b, batch_size)
+        yield (torch.from_numpy(s.chunks[chunk_ids, :length]).to(dev), torch.from_numpy(rows).to(dev),
+               torch.from_numpy(s.positions.position[index]).to(dev))
 
 
 def run_bare(s: Setup, batch_size: int, max_batches: int | None = None, cut: bool = False) -> dict:
@@ -249,7 +247,7 @@ def run_bare(s: Setup, batch_size: int, max_batches: int | None = None, cut: boo
 
     model = s.loaded.model
     base = getattr(model, model.base_model_prefix)  # e.g. Gemma3TextModel: embeddings, blocks, final norm
-    inputs = cut_batches(s, batch_size) if cut else (b[0] for b in batches(s, batch_size))
+    inputs = (b[0] for b in (cut_batches(s, batch_size) if cut else batches(s, batch_size)))
     tokens = 0
     t = now(s)
     with torch.inference_mode():
@@ -268,31 +266,26 @@ def run_bare_cut(s: Setup, batch_size: int) -> dict:
 def run_paired(s: Setup, batch_size: int) -> dict:
     """tokenprobe's hooked forward and the bare stack on the same batch, one right after the other
     (which goes first alternates), for the first `--paired-batches` batches of tokenprobe's own run."""
+    import itertools
+
     import torch
 
-    from tokenprobe.activations import LayerCapture, RunPlan
+    from tokenprobe.activations import LayerCapture
 
     model = s.loaded.model
     base = getattr(model, model.base_model_prefix)
-    plan = RunPlan.of(s.positions)
     capture = LayerCapture(s.loaded, list(range(s.loaded.num_layers + 1)))
     seconds = {"bare": 0.0, "hooked": 0.0}
     tokens = 0
     with torch.inference_mode():
-        for i, first in enumerate(range(0, len(plan.chunks), batch_size)):
-            if i >= s.paired_batches:
-                break
-            chunk_ids, index, rows, length = plan.batch(first, batch_size)
-            dev = s.loaded.device
-            input_ids = torch.from_numpy(s.chunks[chunk_ids, :length]).to(dev)
-            rows_t, cols = torch.from_numpy(rows).to(dev), torch.from_numpy(s.positions.position[index]).to(dev)
+        for i, (input_ids, rows, cols) in enumerate(itertools.islice(cut_batches(s, batch_size), s.paired_batches)):
             for name in ("bare", "hooked") if i % 2 == 0 else ("hooked", "bare"):
                 t = now(s)
                 if name == "bare":
                     base(input_ids=input_ids, use_cache=False)
                 else:
                     with capture:
-                        capture.run(model, input_ids, rows_t, cols)
+                        capture.run(model, input_ids, rows, cols)
                 seconds[name] += now(s) - t
             tokens += input_ids.numel()
     return {"seconds": seconds["hooked"], "bare_seconds": seconds["bare"], "tokens": tokens,

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "sweep.py"
 
 
@@ -37,8 +39,6 @@ def test_cuda_without_a_device_is_a_one_line_error():
     import torch
 
     if torch.cuda.is_available():
-        import pytest
-
         pytest.skip("this machine has CUDA")
     proc = subprocess.run([sys.executable, str(SCRIPT), "--device", "cuda"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2

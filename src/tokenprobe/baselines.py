@@ -55,8 +55,9 @@ def choose_threshold(labels: np.ndarray, scores: np.ndarray) -> float:
     labels = np.asarray(labels).astype(bool)
     if labels.all() or not labels.any():
         return float("inf") if not labels.any() else float("-inf")
-    order = np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable")
-    ordered, positive = np.asarray(scores, dtype=np.float64)[order], labels[order]
+    scores = np.asarray(scores, dtype=np.float64)
+    order = np.argsort(-scores, kind="stable")
+    ordered, positive = scores[order], labels[order]
     last_of_score = np.r_[ordered[1:] != ordered[:-1], True]  # predict positive down to each distinct score
     tpr = np.cumsum(positive)[last_of_score] / positive.sum()
     fpr = np.cumsum(~positive)[last_of_score] / (~positive).sum()
