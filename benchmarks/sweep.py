@@ -65,6 +65,13 @@ LABELS = {
 }
 
 
+def positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="benchmarks/sweep.py",
@@ -73,12 +80,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--model", default="gemma-3-270m", help="as tokenprobe --model (default: %(default)s)")
     p.add_argument("--corpus", default="wiki-summaries", help="as tokenprobe --corpus (default: %(default)s)")
-    p.add_argument("--context-length", type=int, default=256, help="tokens per chunk (default: %(default)s)")
-    p.add_argument("--tokens", type=int, default=7_168,
+    p.add_argument("--context-length", type=positive, default=256, help="tokens per chunk (default: %(default)s)")
+    p.add_argument("--tokens", type=positive, default=7_168,
                    help="corpus tokens to use (tokenprobe --max-tokens); every chunk of them holds sampled "
                         "positions, so this is the token count each forward pass runs (default: %(default)s)")
     p.add_argument("--large", action="store_true", help="shorthand for --tokens 204800 (about 30x the default)")
-    p.add_argument("--paired-batches", type=int, default=4,
+    p.add_argument("--paired-batches", type=positive, default=4,
                    help="batches of tokenprobe's own run timed in the paired configuration, each through the bare "
                         "stack and through tokenprobe's hooked forward in turn (default: %(default)s)")
     p.add_argument("--main-job", action="store_true",
@@ -92,7 +99,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
                    help="where every configuration runs; auto: CUDA when available. On CUDA every timer waits for "
                         "the device, and peak memory is the device's (default: %(default)s)")
-    p.add_argument("--batch-size", type=int, default=16, help="chunks per forward pass (default: %(default)s)")
+    p.add_argument("--batch-size", type=positive, default=16, help="chunks per forward pass (default: %(default)s)")
     p.add_argument("--repeats", type=int, default=3,
                    help="timed runs of bare, paired, tokenprobe and recipe, the configurations the targets rest on "
                         "(default: %(default)s)")
@@ -100,7 +107,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="timed runs of bare_cut, probes_only and auto, which explain the figures (default: %(default)s)")
     p.add_argument("--seed-repeats", type=int, default=1,
                    help="timed runs of the seed's way, the slowest by far (default: %(default)s)")
-    p.add_argument("--seed-epochs", type=int, default=1,
+    p.add_argument("--seed-epochs", type=positive, default=1,
                    help="epochs per layer in the seed's way; each costs one forward pass over the training chunks "
                         "per layer (default: %(default)s)")
     p.add_argument("--seed-lr", type=float, default=1e-2, help="Adam learning rate in the seed's way (default: %(default)s)")
@@ -108,11 +115,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="comma-separated configurations to skip, of " + ",".join(CONFIGS) + "; the default skips the "
                         "two that only explain tokenprobe's time (its own breakdown says the same), and --skip '' runs "
                         "every one (default: %(default)s)")
-    p.add_argument("--memory-batch", type=int, default=48,
+    p.add_argument("--memory-batch", type=positive, default=48,
                    help="chunks per forward pass when measuring peak memory (default: %(default)s)")
-    p.add_argument("--memory-batches", type=int, default=1,
+    p.add_argument("--memory-batches", type=positive, default=1,
                    help="forward passes per memory measurement; the first batch is the largest (default: %(default)s)")
-    p.add_argument("--memory-repeats", type=int, default=1,
+    p.add_argument("--memory-repeats", type=positive, default=1,
                    help="fresh processes per configuration for peak memory; the median is reported (default: %(default)s)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     p.add_argument("--memory-only", action="store_true", help="only the peak-memory subprocesses and the startup check")
@@ -124,6 +131,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cache-dir", type=Path, default=None, help="tokenprobe cache (default: $TOKENPROBE_CACHE or ~/.cache/tokenprobe)")
     p.add_argument("--child", choices=CONFIGS + ("load",), help=argparse.SUPPRESS)  # internal: one memory measurement
     args = p.parse_args(argv)
+    unknown = {x.strip() for x in args.skip.split(",") if x.strip()} - set(CONFIGS)
+    if unknown:
+        p.error(f"--skip: no configuration named {', '.join(sorted(unknown))}; choose from {','.join(CONFIGS)}")
     if args.large:
         args.tokens = 204_800
     if args.device == "cuda":
@@ -772,5 +782,17 @@ def summarise(args, runs, n_tok, report) -> None:
             print(row)
 
 
+def run(argv: list[str] | None = None) -> int:
+    """main(), with tokenprobe's own errors (a model or corpus that is not there, ...) as one line and
+    exit code 2, as the command line gives them."""
+    from tokenprobe.errors import TokenprobeError
+
+    try:
+        return main(argv)
+    except TokenprobeError as exc:
+        print(f"benchmarks/sweep.py: error: {exc}", file=sys.stderr)
+        return 2
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run())

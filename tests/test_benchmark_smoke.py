@@ -88,3 +88,14 @@ def test_every_configuration_runs_end_to_end_on_a_tiny_model(tiny_model_dirs, co
     assert not list((tmp_path / "cache" / "extraction").glob("*"))
     assert math.isfinite(figures["startup_own_s"])
     assert "tokenprobe / recipe peak resident memory" in proc.stdout and "launch -> first forward pass" in proc.stdout
+
+
+@pytest.mark.parametrize("bad", [["--corpus", "MISSING"], ["--tokens", "0"], ["--skip", "bare,nonsense"]])
+def test_bad_input_is_a_one_line_error_and_writes_nothing(bad, tiny_model_dirs, corpus_file, tmp_path):
+    bad = [str(tmp_path / "missing.txt") if a == "MISSING" else a for a in bad]
+    args = ["--model", str(tiny_model_dirs["llama"]), "--corpus", str(corpus_file), "--context-length", "32",
+            "--no-memory", "--no-startup", "--cache-dir", str(tmp_path / "cache"), "--json", str(tmp_path / "f.json")]
+    proc = subprocess.run([sys.executable, str(SCRIPT), *args, *bad], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert "error:" in proc.stderr.strip().splitlines()[-1] and "Traceback" not in proc.stderr
+    assert not (tmp_path / "f.json").exists()
