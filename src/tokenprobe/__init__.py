@@ -1,7 +1,5 @@
 """tokenprobe: train, evaluate and explore probes on the hidden states of causal language models."""
 
-import sys
-import types
 from importlib.metadata import PackageNotFoundError, version
 
 try:
@@ -12,15 +10,15 @@ except PackageNotFoundError:  # running from a source tree without installing
 from tokenprobe.config import RunConfig
 from tokenprobe.errors import TokenprobeError
 
-# The rest import torch and transformers (seconds): loaded on first use, so `tokenprobe --help` and
-# `import tokenprobe.config` stay fast.
+# The rest import torch and transformers (seconds): loaded on first use, so `tokenprobe --help`,
+# `tokenprobe inspect` and `import tokenprobe.config` stay fast.
 _LAZY = {
-    "LoadedModel": "tokenprobe.models",
-    "load_model": "tokenprobe.models",
-    "LinearProbe": "tokenprobe.probes",
-    "load_probe": "tokenprobe.probes",
-    "RunResult": "tokenprobe.train",
-    "train": "tokenprobe.train",
+    "LoadedModel": "tokenprobe.models.loading",
+    "load_model": "tokenprobe.models.loading",
+    "LinearProbe": "tokenprobe.probes.linear",
+    "load_probe": "tokenprobe.probes.base",
+    "RunResult": "tokenprobe.pipelines.train",
+    "train": "tokenprobe.pipelines.train",
 }
 
 
@@ -33,16 +31,6 @@ def __getattr__(name: str):
         return value
     raise AttributeError(f"module 'tokenprobe' has no attribute {name!r}")
 
-
-class _Package(types.ModuleType):
-    def __setattr__(self, name: str, value) -> None:
-        # Importing the submodule tokenprobe.train binds it here; `tokenprobe.train` stays the function.
-        if name in _LAZY and isinstance(value, types.ModuleType):
-            return
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package
 
 __all__ = [
     "__version__",

@@ -15,8 +15,18 @@ from tokenprobe.config import add_config_arguments, config_from_args
 from tokenprobe.errors import TokenprobeError
 
 
+def _quiet_transformers() -> None:
+    """transformers' own warnings and bars are not for our users (``--debug`` shows them)."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
-    from tokenprobe.train import train
+    from tokenprobe.pipelines.train import train
+
+    if not args.debug:
+        _quiet_transformers()
 
     config = config_from_args(args)
     result = train(config, out_dir=args.out, cache_dir=args.cache_dir, overwrite=args.overwrite,
@@ -30,24 +40,24 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
-    from tokenprobe.probes import read_probe_metadata
+    from tokenprobe.probes.base import ProbeMeta, read_header
 
     for path in args.probe:
-        meta = read_probe_metadata(Path(path))
+        header = read_header(Path(path))
         if args.json:
-            print(json.dumps(meta, indent=2))
+            print(json.dumps(header, indent=2))
             continue
-        run = meta.get("run", {})
+        meta = ProbeMeta.from_dict(header)
+        flat = meta.to_dict()
         print(f"{path}")
-        for key in ("run_name", "layer", "task", "target", "target_ids", "model", "model_source", "weights_hash",
-                    "tokenizer_hash", "hidden_size", "context_length", "dtype", "tokenprobe_version"):
-            print(f"  {key:<18} {meta.get(key)}")
-        corpus = run.get("corpus", {})
-        print(f"  {'corpus':<18} {corpus.get('name')} (sha256 {str(corpus.get('sha256'))[:16]}...)")
-        print(f"  {'created':<18} {run.get('created')}")
+        for key in ("run_name", "kind", "layer", "task", "target", "target_ids", "model", "model_source",
+                    "weights_hash", "tokenizer_hash", "hidden_size", "context_length", "dtype", "tokenprobe_version"):
+            print(f"  {key:<18} {flat.get(key)}")
+        print(f"  {'corpus':<18} {meta.corpus.get('name')} (sha256 {str(meta.corpus.get('sha256'))[:16]}...)")
+        print(f"  {'created':<18} {meta.created}")
         print(f"  {'metrics':<18} {'set':<13} {'bal.acc':>7} {'acc':>6} {'AUROC':>6} {'TP':>6} {'FP':>6} "
               f"{'TN':>6} {'FN':>6} {'n':>7}")
-        for name, m in meta.get("metrics", {}).items():
+        for name, m in meta.metrics.items():
             def f(v):
                 return "n/a" if v is None else f"{v:.3f}"
             print(f"  {'':<18} {name:<13} {f(m['balanced_accuracy']):>7} {f(m['accuracy']):>6} {f(m['auroc']):>6} "
@@ -56,7 +66,10 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def _cmd_viz(args: argparse.Namespace) -> int:
-    from tokenprobe.viz import visualize
+    from tokenprobe.viz.explore import visualize
+
+    if not args.debug:
+        _quiet_transformers()
 
     result = visualize(args.probes, text=args.text, file=args.file, corpus_sample=args.corpus_sample, out=args.out,
                        device=args.device, cache_dir=args.cache_dir, progress=not args.quiet)
@@ -69,7 +82,7 @@ def _cmd_viz(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from tokenprobe.report import build_report
+    from tokenprobe.report.markdown import build_report
 
     report, plot = build_report(args.run_dirs, args.out)
     print(f"report written to {report}\nplot written to {plot}")
@@ -143,10 +156,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     warnings.formatwarning = _one_line_warning
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    if not args.debug:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.set_verbosity_error()
     _interrupt_on_sigterm()
     try:
         return args.func(args)

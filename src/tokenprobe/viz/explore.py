@@ -19,15 +19,19 @@ from typing import Any
 import numpy as np
 import torch
 
-from tokenprobe.activations import LayerCapture
+from tokenprobe.config import RunConfig
+from tokenprobe.data.labels import make_labeler
+from tokenprobe.data.prepare import prepare_chunks
 from tokenprobe.errors import TokenprobeError
+from tokenprobe.extract.capture import LayerCapture
 from tokenprobe.files import atomic_write_bytes, default_cache_dir, json_safe
-from tokenprobe.models import LoadedModel, load_model
-from tokenprobe.probes import LinearProbe, load_probe
+from tokenprobe.models.loading import LoadedModel, load_model
+from tokenprobe.probes.base import Probe, ProbeMeta, load_probe
+from tokenprobe.vocabulary import EVAL, EVAL_NATURAL
 
 # Probe metadata that must agree across all probes shown on one page.
-SHARED_KEYS = ("model_source", "weights_hash", "tokenizer_hash", "task", "target_ids", "context_length", "dtype")
-PAGE_TEMPLATE = Path(__file__).with_name("viz_page.html")
+SHARED_KEYS = ("model", "task", "target_ids", "context_length", "dtype")
+PAGE_TEMPLATE = Path(__file__).with_name("page.html")
 
 
 @dataclass
@@ -72,28 +76,33 @@ def probe_files(sources: list[str | Path]) -> list[Path]:
     return files
 
 
-def load_probe_set(sources: list[str | Path]) -> list[LinearProbe]:
+def load_probe_set(sources: list[str | Path]) -> list[Probe]:
     """Loads the probes, sorted by layer; they must come from one model, task, target and context."""
     probes = [load_probe(path) for path in probe_files(sources)]
-    by_layer: dict[int, LinearProbe] = {}
-    first = probes[0].metadata
+    by_layer: dict[int, Probe] = {}
+    first: ProbeMeta = probes[0].meta
     for probe in probes:
-        meta = probe.metadata
-        if not isinstance(meta.get("layer"), int):
-            raise TokenprobeError(f"probe {meta.get('run_name')} has no layer in its metadata; retrain it")
+        meta: ProbeMeta = probe.meta
+        if not isinstance(meta.layer, int):
+            raise TokenprobeError(f"probe {meta.run_name} has no layer in its metadata; retrain it")
         for key in SHARED_KEYS:
-            if meta.get(key) != first.get(key):
+            if getattr(meta, key) != getattr(first, key):
                 raise TokenprobeError(
-                    f"probes disagree on {key}: {first.get(key)!r} (layer {first['layer']}) vs {meta.get(key)!r} "
-                    f"(layer {meta['layer']}); show the probes of one run on a page"
+                    f"probes disagree on {key}: {_shown(getattr(first, key))!r} (layer {first.layer}) vs "
+                    f"{_shown(getattr(meta, key))!r} (layer {meta.layer}); show the probes of one run on a page"
                 )
-        if meta["layer"] in by_layer:
-            raise TokenprobeError(f"two probes for layer {meta['layer']}; pass each layer's probe once")
-        by_layer[meta["layer"]] = probe
+        if meta.layer in by_layer:
+            raise TokenprobeError(f"two probes for layer {meta.layer}; pass each layer's probe once")
+        by_layer[meta.layer] = probe
     return [by_layer[layer] for layer in sorted(by_layer)]
 
 
-def check_probes_fit(probes: list[LinearProbe], loaded: LoadedModel) -> None:
+def _shown(value):
+    """A model identity by its source, anything else as it is."""
+    return getattr(value, "source", value)
+
+
+def check_probes_fit(probes: list[Probe], loaded: LoadedModel) -> None:
     for probe in probes:
         try:
             probe.check_compatible(loaded)
@@ -103,9 +112,10 @@ def check_probes_fit(probes: list[LinearProbe], loaded: LoadedModel) -> None:
             raise TokenprobeError(
                 f"layer {probe.layer} probe does not fit: {loaded.source!r} has layers 0 to {loaded.num_layers}"
             )
-        if probe.weight.shape[-1] != loaded.hidden_size:
+        width = probe.direction().shape[-1]
+        if width != loaded.hidden_size:
             raise TokenprobeError(
-                f"layer {probe.layer} probe has width {probe.weight.shape[-1]}, model {loaded.source!r} has "
+                f"layer {probe.layer} probe has width {width}, model {loaded.source!r} has "
                 f"{loaded.hidden_size}; use the model named in the probe file"
             )
 
@@ -169,7 +179,7 @@ def chunk_ids(ids: list[int], context_length: int, bos_id: int | None) -> list[n
 
 
 def layer_probabilities(
-    loaded: LoadedModel, probes: list[LinearProbe], chunks: list[np.ndarray], batch_size: int = 8
+    loaded: LoadedModel, probes: list[Probe], chunks: list[np.ndarray], batch_size: int = 8
 ) -> list[np.ndarray]:
     """For each chunk, a (n_layers, chunk_length) float32 array of every probe's probability.
 
@@ -185,9 +195,10 @@ def layer_probabilities(
         for length, members in by_length.items():
             for b in range(0, len(members), batch_size):
                 batch = members[b : b + batch_size]
-                input_ids = torch.from_numpy(np.stack([chunks[i] for i in batch])).to(loaded.device)
-                rows = torch.arange(len(batch), device=loaded.device).repeat_interleave(length)
-                cols = torch.arange(length, device=loaded.device).repeat(len(batch))
+                device = loaded.placement.input
+                input_ids = torch.from_numpy(np.stack([chunks[i] for i in batch])).to(device)
+                rows = torch.arange(len(batch), device=device).repeat_interleave(length)
+                cols = torch.arange(length, device=device).repeat(len(batch))
                 captured, _ = capture.run(loaded.model, input_ids, rows, cols)
                 probs = np.empty((len(layers), len(batch) * length), dtype=np.float32)
                 for j, probe in enumerate(probes):
@@ -232,33 +243,24 @@ def _prepare_texts(texts: list[tuple[str | None, str]], tokenizer, context_lengt
     return prep
 
 
-def _prepare_corpus_sample(probes: list[LinearProbe], loaded: LoadedModel, n: int, cache_dir: Path,
+def _prepare_corpus_sample(probes: list[Probe], loaded: LoadedModel, n: int, cache_dir: Path,
                            progress: bool) -> _Prepared:
-    """`n` held-out chunks of the run's own corpus, re-created with the run's split."""
-    from tokenprobe.chunks import load_chunks
-    from tokenprobe.config import RunConfig
-    from tokenprobe.corpus import load_corpus
-    from tokenprobe.positions import split_chunks
-
+    """`n` held-out chunks of the run's own corpus, re-created with the run's split (through `prepare`)."""
     if n < 1:
         raise TokenprobeError(f"--corpus-sample must be at least 1, got {n}")
-    run = probes[0].metadata.get("run") or {}
-    if "config" not in run:
+    meta = probes[0].meta
+    if not meta.config:
         raise TokenprobeError("the probe files carry no run config, so --corpus-sample cannot find the corpus; "
                               "use --text or --file")
-    config = RunConfig.from_dict(run["config"])
-    corpus = load_corpus(config.corpus, config.text_field, config.corpus_config, config.corpus_split)
-    expected = (run.get("corpus") or {}).get("sha256")
+    config = RunConfig.from_dict(meta.config)
+    prepared = prepare_chunks(config, loaded, cache_dir, progress)
+    corpus, chunks, split, bos = prepared.corpus, prepared.chunks, prepared.split, prepared.bos_id
+    expected = meta.corpus.get("sha256")
     if expected and corpus.sha256 != expected:
         raise TokenprobeError(
             f"corpus {config.corpus} has changed since the run (sha256 {corpus.sha256[:12]}, run used "
             f"{expected[:12]}), so its held-out chunks cannot be found again; use --text or --file"
         )
-    context_length = probes[0].metadata["context_length"]
-    chunks, bos, _ = load_chunks(corpus, lambda: loaded.tokenizer, loaded.tokenizer_hash, context_length,
-                                 cache_dir, progress)
-    max_chunks = config.max_tokens // context_length if config.max_tokens else None
-    split = split_chunks(len(chunks), config.eval_fraction, config.seed, max_chunks)
     start = 1 if bos is not None else 0
     if n > len(split.eval):
         print(f"warning: the run holds out {len(split.eval)} chunks; showing all of them", file=sys.stderr)
@@ -278,28 +280,37 @@ def _prepare_corpus_sample(probes: list[LinearProbe], loaded: LoadedModel, n: in
     return prep
 
 
+def token_labels(labeler, token_ids: list[int], next_ids: list[int | None]) -> list[bool | None]:
+    """Each shown token's label by the run's own Labeler, applied to (token, following token) pairs;
+    None where the label needs the following token and the text ends there."""
+    following = [-1 if nxt is None else nxt for nxt in next_ids]
+    pairs = np.asarray([token_ids, following], dtype=np.int64).T.reshape(len(token_ids), 2)
+    labels, valid = labeler.labels(pairs, has_bos=False)
+    return [bool(labels[t, 0]) if valid[t, 0] and not (labeler.predicts_next_token and next_ids[t] is None) else None
+            for t in range(len(token_ids))]
+
+
 # ----------------------------------------------------------------------------------------- the page
 
 
-def _metrics_of(probe: LinearProbe) -> dict[str, Any]:
-    metrics = probe.metadata.get("metrics") or {}
+def _metrics_of(probe: Probe) -> dict[str, Any]:
     keep = ("balanced_accuracy", "auroc", "accuracy", "n", "positives")
-    return {name: {k: m.get(k) for k in keep} for name, m in metrics.items() if name in ("eval", "eval_natural")}
+    return {name: {k: m.get(k) for k in keep} for name, m in probe.meta.metrics.items() if name in (EVAL, EVAL_NATURAL)}
 
 
-def page_data(probes: list[LinearProbe], prep: _Prepared, probabilities: np.ndarray, labels: list[bool | None],
+def page_data(probes: list[Probe], prep: _Prepared, probabilities: np.ndarray, labels: list[bool | None],
               model_probabilities: list[float | None] | None = None) -> dict[str, Any]:
     """Everything the page shows, JSON-ready (NaN becomes null)."""
-    meta = probes[0].metadata
+    meta = probes[0].meta
     return json_safe({
-        "model": meta.get("model"),
-        "model_source": meta.get("model_source"),
-        "task": meta.get("task"),
-        "target": meta.get("target"),
-        "target_ids": meta.get("target_ids"),
-        "context_length": meta.get("context_length"),
-        "dtype": meta.get("dtype"),
-        "run_name": (meta.get("run") or {}).get("sweep_name") or meta.get("run_name"),
+        "model": meta.model.name,
+        "model_source": meta.model.source,
+        "task": meta.task,
+        "target": meta.target,
+        "target_ids": meta.target_ids,
+        "context_length": meta.context_length,
+        "dtype": meta.dtype,
+        "run_name": meta.sweep_name or meta.run_name,
         "layers": [p.layer for p in probes],
         "metrics": [_metrics_of(p) for p in probes],
         "documents": [{"title": d.title, "pieces": [[s, i] for s, i in d.pieces]} for d in prep.documents],
@@ -356,15 +367,15 @@ def visualize(
         raise TokenprobeError("name a run folder or probe files to visualise")
     cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
     probes = load_probe_set(sources)
-    meta = probes[0].metadata
+    meta = probes[0].meta
     if loaded is None:
         if progress:
-            print(f"Loading model {meta['model_source']} ({meta['dtype']}) named in the probe files ...",
+            print(f"Loading model {meta.model.source} ({meta.dtype}) named in the probe files ...",
                   file=sys.stderr)
-        loaded = load_model(meta["model_source"], meta.get("dtype") or "auto", device, cache_dir, progress=progress)
+        loaded = load_model(meta.model.source, meta.dtype or "auto", device, cache_dir, progress=progress)
     check_probes_fit(probes, loaded)
 
-    context_length = int(meta["context_length"])
+    context_length = int(meta.context_length)
     if corpus_sample is not None:
         prep = _prepare_corpus_sample(probes, loaded, corpus_sample, cache_dir, progress)
     else:
@@ -387,11 +398,7 @@ def visualize(
     probabilities = np.empty((len(probes), len(prep.token_ids)), dtype=np.float32)
     for t, (c, pos) in enumerate(zip(prep.token_chunk, prep.token_pos)):
         probabilities[:, t] = per_chunk[c][:, pos]
-    target_id = int(meta["target_ids"][0])
-    if meta["task"] == "current":
-        labels: list[bool | None] = [tid == target_id for tid in prep.token_ids]
-    else:
-        labels = [None if nxt is None else nxt == target_id for nxt in prep.next_ids]
+    labels = token_labels(make_labeler(meta.task, meta.target_ids), prep.token_ids, prep.next_ids)
 
     data = page_data(probes, prep, probabilities, labels)
     path = None

@@ -20,7 +20,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 from tqdm.auto import tqdm
 
-from tokenprobe.corpus import Corpus
+from tokenprobe.data.corpus import Corpus
 from tokenprobe.errors import TokenprobeError
 from tokenprobe.files import atomic_write_bytes
 

@@ -1,7 +1,8 @@
-"""The sweep report: `plot.png` and `report.md`, built from a run folder's results.json alone.
+"""The sweep report in words (`report.md`), and `tokenprobe report`: both built from a run folder's
+results.json alone, without torch or transformers.
 
-`tokenprobe train` writes both into each run folder; `tokenprobe report RUN_DIR [RUN_DIR ...]`
-rebuilds them, and with several run folders draws them in one plot (one colour per run).
+`tokenprobe train` writes report.md and plot.png into each run folder; `tokenprobe report RUN_DIR
+[RUN_DIR ...]` rebuilds them, and with several run folders draws them in one plot (one colour per run).
 """
 
 from __future__ import annotations
@@ -13,16 +14,10 @@ from typing import Any
 
 from tokenprobe.errors import TokenprobeError
 from tokenprobe.files import atomic_write_bytes
+from tokenprobe.report.plot import METRICS, PLOT, num, plot, run_labels
+from tokenprobe.vocabulary import BASELINE_LABELS, best_index
 
-PLOT = "plot.png"
 REPORT = "report.md"
-METRICS = (("balanced_accuracy", "balanced accuracy"), ("auroc", "AUROC"))
-BASELINE_LABELS = {
-    "model": "model's own prediction",
-    "logit_lens": "logit lens",
-    "token_stats": "token statistics",
-    "majority": "majority class",
-}
 
 
 def load_results(run_dir: Path) -> dict[str, Any]:
@@ -35,17 +30,13 @@ def load_results(run_dir: Path) -> dict[str, Any]:
         raise TokenprobeError(f"cannot read {path}: {exc}") from exc
 
 
-def _num(value: Any) -> float:
-    return float("nan") if value is None else float(value)
-
-
 def _f(value: Any, digits: int = 3) -> str:
-    value = _num(value)
+    value = num(value)
     return "n/a" if math.isnan(value) else f"{value:.{digits}f}"
 
 
 def _with_ci(entry: dict[str, Any], metric: str) -> str:
-    low, high = _num(entry.get(f"{metric}_low")), _num(entry.get(f"{metric}_high"))
+    low, high = num(entry.get(f"{metric}_low")), num(entry.get(f"{metric}_high"))
     text = _f(entry.get(metric))
     return text if math.isnan(low) else f"{text} [{low:.3f}, {high:.3f}]"
 
@@ -56,9 +47,6 @@ def _signed(d: dict[str, Any]) -> str:
 
 def _layers_text(layers: list[int]) -> str:
     return ", ".join(map(str, layers)) if layers else "none"
-
-
-# --------------------------------------------------------------------------------------------- words
 
 
 def render_markdown(results: dict[str, Any], plot_name: str | None = PLOT, title: bool = True) -> str:
@@ -92,14 +80,14 @@ def render_markdown(results: dict[str, Any], plot_name: str | None = PLOT, title
     bal = comparisons.get("balanced_accuracy", {})
     best_layer = bal.get("best_layer")
     if best_layer is None:
-        best_layer = max(layers, key=lambda r: -1 if r["balanced_accuracy"] is None else r["balanced_accuracy"])["layer"]
+        best_layer = layers[best_index([r["balanced_accuracy"] for r in layers])]["layer"]
     best = by_layer[best_layer]
     fraction = best.get("auroc_fraction_of_model", {}).get("eval")
     lines += ["## Best layer", "",
               f"Layer {best_layer}: balanced accuracy {_with_ci(best, 'balanced_accuracy')}, AUROC "
               f"{_with_ci(best, 'auroc')}"
-              + (f"; its AUROC is {100 * fraction['value']:.1f}% [{100 * _num(fraction['low']):.1f}, "
-                 f"{100 * _num(fraction['high']):.1f}] of the model's own." if fraction else "."), ""]
+              + (f"; its AUROC is {100 * fraction['value']:.1f}% [{100 * num(fraction['low']):.1f}, "
+                 f"{100 * num(fraction['high']):.1f}] of the model's own." if fraction else "."), ""]
     if bal and resamples:
         auroc = comparisons.get("auroc", {})
         lines += [f"Indistinguishable from it in balanced accuracy (the 95% interval of the difference includes 0): "
@@ -179,93 +167,6 @@ def _next_layer(layer: int, by_layer: dict[int, Any]) -> int | None:
     return min(later) if later else None
 
 
-# ---------------------------------------------------------------------------------------------- plot
-
-
-def _run_labels(runs: list[tuple[Path, dict[str, Any]]]) -> list[str]:
-    """Short labels naming only what differs between the runs (task, target, corpus, model, ...)."""
-    def facets(run_dir: Path, results: dict[str, Any]) -> dict[str, str]:
-        run = results["run"]
-        return {"task": run["config"].get("task", ""), "target": repr(run.get("target", {}).get("text", "")),
-                "corpus": run["corpus"]["name"], "model": run["model"]["name"],
-                "ctx": f"ctx{run['config'].get('context_length')}"}
-    all_facets = [facets(d, r) for d, r in runs]
-    varying = [k for k in all_facets[0] if len({f[k] for f in all_facets}) > 1]
-    if not varying:
-        return [d.name for d, _ in runs]
-    return [" ".join(f[k] for k in varying) for f in all_facets]
-
-
-def plot(runs: list[tuple[Path, dict[str, Any]]], path: Path) -> None:
-    """Probe balanced accuracy and AUROC per layer with 95% bands; the baselines as lines."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    labels = _run_labels(runs) if len(runs) > 1 else [""]
-    fig, axes = plt.subplots(1, 2, figsize=(13, 5.2), constrained_layout=True)
-    cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for ax, (metric, metric_label) in zip(axes, METRICS):
-        for i, ((_, results), label) in enumerate(zip(runs, labels)):
-            # One run: a colour per predictor. Several: a colour per run, a line style per predictor.
-            colour = cycle[i % len(cycle)]
-            colours = ({"probe": cycle[0], "logit_lens": cycle[1], "model": cycle[2], "token_stats": cycle[3]}
-                       if len(runs) == 1 else dict.fromkeys(("probe", "logit_lens", "model", "token_stats"), colour))
-            prefix = f"{label}: " if label else ""
-            layers = results["layers"]
-            x = [r["layer"] for r in layers]
-
-            def band(entries, colour=colours["probe"]):
-                low = [_num(e.get(f"{metric}_low")) for e in entries]
-                high = [_num(e.get(f"{metric}_high")) for e in entries]
-                if not all(math.isnan(v) for v in low):
-                    ax.fill_between(x, low, high, color=colour, alpha=0.18, linewidth=0)
-
-            ax.plot(x, [_num(r.get(metric)) for r in layers], "o-", color=colours["probe"], markersize=4,
-                    label=f"{prefix}probe")
-            band(layers)
-            lens = [r.get("logit_lens", {}).get("eval") for r in layers]
-            if all(lens):
-                ax.plot(x, [_num(e.get(metric)) for e in lens], "s--", color=colours["logit_lens"], markersize=3,
-                        label=f"{prefix}logit lens")
-                low = [_num(e.get(f"{metric}_low")) for e in lens]
-                if not all(math.isnan(v) for v in low):
-                    ax.fill_between(x, low, [_num(e.get(f"{metric}_high")) for e in lens],
-                                    color=colours["logit_lens"], alpha=0.12, linewidth=0)
-            for name, style in (("model", ":"), ("token_stats", "-."), ("majority", (0, (1, 4)))):
-                entry = results.get("baselines", {}).get(name, {}).get("sets", {}).get("eval")
-                if not entry:
-                    continue
-                value = _num(entry.get(metric))
-                line_colour = "0.45" if name == "majority" else colours[name]
-                ax.axhline(value, color=line_colour, linestyle=style, linewidth=1.6,
-                           label=f"{prefix}{BASELINE_LABELS[name]} ({value:.3f})")
-                low, high = _num(entry.get(f"{metric}_low")), _num(entry.get(f"{metric}_high"))
-                if name != "majority" and not math.isnan(low):
-                    ax.axhspan(low, high, color=line_colour, alpha=0.1, linewidth=0)
-        ax.set_xlabel("layer (0 = embedding output)")
-        ax.set_ylabel(f"{metric_label} (held-out, balanced)")
-        ax.set_title(f"{metric_label} per layer, 95% bootstrap bands over held-out chunks", fontsize=10)
-        ax.grid(alpha=0.3)
-        all_x = sorted({r["layer"] for _, res in runs for r in res["layers"]})
-        if len(all_x) <= 40:
-            ax.set_xticks(all_x)
-        ax.legend(fontsize=8, loc="lower right")
-    first = runs[0][1]["run"]
-    fig.suptitle(f"tokenprobe: {first['model']['name']}, task {first['config'].get('task')} "
-                 f"{first.get('target', {}).get('text', '')!r}" + (f" ({len(runs)} runs)" if len(runs) > 1 else ""),
-                 fontsize=11)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    tmp.replace(path)
-
-
-# ------------------------------------------------------------------------------------------ writing
-
-
 def write_report(run_dir: Path) -> tuple[Path, Path]:
     """Writes report.md and plot.png into one run folder, from its results.json."""
     run_dir = Path(run_dir)
@@ -289,7 +190,7 @@ def build_report(run_dirs: list[Path], out: Path | None = None) -> tuple[Path, P
     out = Path(out) if out else Path("tokenprobe-report")
     out.mkdir(parents=True, exist_ok=True)
     plot(runs, out / PLOT)
-    labels = _run_labels(runs)
+    labels = run_labels(runs)
     parts = [f"# tokenprobe report: {len(runs)} runs", "", f"![probe and baselines per layer]({PLOT})", ""]
     for (run_dir, results), label in zip(runs, labels):
         parts += [f"# {label} (`{run_dir}`)", "", render_markdown(results, plot_name=None, title=False)]

@@ -1,4 +1,4 @@
-"""The target token and the labels of each task, computed from token ids alone (no model needed)."""
+"""The target token and the labels of each task (a Labeler), computed from token ids alone (no model needed)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 
@@ -60,23 +61,61 @@ def cached_target(loaded, text: str, token_id: int | None, cache_dir: Path) -> T
     return target
 
 
-def task_labels(chunks: np.ndarray, target_id: int, task: str, has_bos: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Labels and a validity mask, both shaped like `chunks`.
+class Labeler(Protocol):
+    """Turns chunks of token ids into labels and a validity mask, both shaped like the chunks.
 
-    next: position i is positive when token i+1 is the target; the last position has no next token.
-    current: position i is positive when token i is the target.
-    The BOS position is never used: its hidden state is the same in every chunk.
+    `spec` is what ``--task`` holds and what the run record stores; :func:`make_labeler` rebuilds the
+    same labeler from it. `predicts_next_token` says whether the model's own next-token prediction (and
+    the baselines built on it) answers the same question.
     """
-    is_target = chunks == target_id
-    valid = np.ones_like(is_target, dtype=bool)
-    if task == "next":
+
+    spec: str
+    predicts_next_token: bool
+    question: str  # completes "... the target?", e.g. "will the next token be"
+
+    def labels(self, chunks: np.ndarray, has_bos: bool) -> tuple[np.ndarray, np.ndarray]: ...
+
+
+@dataclass(frozen=True)
+class TokenLabeler:
+    """Is the token `offset` positions from this one the target? 0: this token, 1: the next one."""
+
+    target_ids: tuple[int, ...]
+    offset: int
+
+    @property
+    def spec(self) -> str:
+        return OFFSET_TASKS[self.offset]
+
+    @property
+    def predicts_next_token(self) -> bool:
+        return self.offset == 1
+
+    @property
+    def question(self) -> str:
+        return "will the next token be" if self.offset == 1 else "is this token"
+
+    def labels(self, chunks: np.ndarray, has_bos: bool) -> tuple[np.ndarray, np.ndarray]:
+        """Position i is positive when token i + offset is a target; the last `offset` positions have no
+        such token. The BOS position is never used: its hidden state is the same in every chunk."""
+        is_target = np.isin(chunks, self.target_ids) if len(self.target_ids) > 1 else chunks == self.target_ids[0]
+        valid = np.ones_like(is_target, dtype=bool)
         labels = np.zeros_like(is_target)
-        labels[:, :-1] = is_target[:, 1:]
-        valid[:, -1] = False
-    elif task == "current":
-        labels = is_target
-    else:
+        width = chunks.shape[1]
+        labels[:, : width - self.offset] = is_target[:, self.offset :]
+        if self.offset:
+            valid[:, width - self.offset :] = False
+        if has_bos:
+            valid[:, 0] = False
+        return labels, valid
+
+
+OFFSET_TASKS = {1: "next", 0: "current"}
+
+
+def make_labeler(task: str, target_ids: list[int] | tuple[int, ...]) -> Labeler:
+    """The labeler for ``--task`` (as stored in a run record) and the target token ids."""
+    offsets = {name: offset for offset, name in OFFSET_TASKS.items()}
+    if task not in offsets:
         raise TokenprobeError(f"unknown task {task!r}: use next or current")
-    if has_bos:
-        valid[:, 0] = False
-    return labels, valid
+    return TokenLabeler(tuple(int(t) for t in target_ids), offsets[task])

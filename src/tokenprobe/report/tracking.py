@@ -1,4 +1,4 @@
-"""WandB tracking, the seed's way: one WandB run per layer, the runs of one sweep in one group.
+"""WandB tracking: one WandB run per layer, the runs of one sweep in one group.
 
 Run names follow ``probe-layer5-ctx256-all-next-gemma-3-270m`` (:func:`tokenprobe.config.run_name`),
 the group is :func:`tokenprobe.config.sweep_name`, ``balanced_accuracy`` is the primary summary
@@ -12,7 +12,6 @@ user is told how to upload them with ``wandb sync``. Nothing ever waits for a lo
 
 from __future__ import annotations
 
-import math
 import netrc
 import os
 from collections.abc import Callable
@@ -20,9 +19,10 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+from tokenprobe.analysis.metrics import flat_metrics
 from tokenprobe.errors import TokenprobeError
-
-PRIMARY_METRIC = "balanced_accuracy"
+from tokenprobe.files import json_safe
+from tokenprobe.vocabulary import LOGIT_LENS, PRIMARY_METRIC, PRIMARY_SET
 INIT_TIMEOUT_S = 30
 
 
@@ -47,37 +47,25 @@ def choose_mode() -> tuple[str, str | None]:
     return "online", None
 
 
-def _finite(value: Any) -> Any:
-    return None if isinstance(value, float) and math.isnan(value) else value
-
-
 def layer_metrics(result, layer_result) -> dict[str, Any]:
-    """The flat per-layer metrics logged to one WandB run (NaN left out)."""
+    """The flat per-layer metrics logged to one WandB run (NaN left out): the probe's per set, its logit
+    lens and AUROC fraction of the model's, and every run-level baseline."""
+    def prefix(subset: str) -> str:
+        return "" if subset == PRIMARY_SET else f"{subset}/"
+
     out: dict[str, Any] = {"layer": layer_result.layer}
     for subset, m in layer_result.metrics.items():
-        prefix = "" if subset == "eval" else f"{subset}/"
-        for key, value in m.to_dict().items():
-            out[f"{prefix}{key}"] = value
-        for metric, (low, high) in layer_result.intervals.get(subset, {}).items():
-            out[f"{prefix}{metric}_low"], out[f"{prefix}{metric}_high"] = low, high
-    _add_baseline(out, "logit_lens", layer_result.logit_lens, layer_result.logit_lens_intervals)
+        out.update(flat_metrics(m, layer_result.intervals.get(subset, {}), prefix(subset)))
+    for subset, m in layer_result.logit_lens.items():
+        out.update(flat_metrics(m, layer_result.logit_lens_intervals.get(subset, {}),
+                                f"{prefix(subset)}baseline/{LOGIT_LENS}/"))
     for subset, (value, low, high) in layer_result.auroc_fraction_of_model.items():
-        prefix = "" if subset == "eval" else f"{subset}/"
-        out[f"{prefix}auroc_fraction_of_model"] = value
-        out[f"{prefix}auroc_fraction_of_model_low"], out[f"{prefix}auroc_fraction_of_model_high"] = low, high
+        key = f"{prefix(subset)}auroc_fraction_of_model"
+        out.update({key: value, f"{key}_low": low, f"{key}_high": high})
     for b in result.baselines:
-        _add_baseline(out, b.name, b.metrics, b.intervals)
-    return {k: v for k, v in ((k, _finite(v)) for k, v in out.items()) if v is not None}
-
-
-def _add_baseline(out: dict[str, Any], name: str, metrics: dict, intervals: dict) -> None:
-    """Logs one baseline's metrics per set as ``[set/]baseline/<name>/<metric>``, with interval bounds."""
-    for subset, m in metrics.items():
-        prefix = f"{'' if subset == 'eval' else subset + '/'}baseline/{name}/"
-        for key in ("balanced_accuracy", "accuracy", "auroc", "tp", "fp", "tn", "fn", "threshold"):
-            out[prefix + key] = getattr(m, key)
-        for metric, (low, high) in intervals.get(subset, {}).items():
-            out[f"{prefix}{metric}_low"], out[f"{prefix}{metric}_high"] = low, high
+        for subset, m in b.metrics.items():
+            out.update(flat_metrics(m, b.intervals.get(subset, {}), f"{prefix(subset)}baseline/{b.name}/"))
+    return {k: v for k, v in json_safe(out).items() if v is not None}
 
 
 def log_to_wandb(result, say: Callable[[str], None] = print, project: str | None = None,

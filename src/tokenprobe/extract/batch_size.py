@@ -11,14 +11,14 @@ short for that uses the default batch size, and says so.
 
 from __future__ import annotations
 
-import os
 import time
 
 import numpy as np
 import torch
 
-from tokenprobe.activations import LayerCapture
-from tokenprobe.models import LoadedModel
+from tokenprobe.device import available_memory_bytes
+from tokenprobe.extract.capture import LayerCapture
+from tokenprobe.models.loading import LoadedModel
 
 CPU_MAX_BATCH = 64
 PROBE_DEPTH = 2  # blocks run per CPU throughput probe
@@ -27,20 +27,6 @@ PROBE_BUDGET = 0.03  # the probe may cost at most this share of the run's forwar
 MIN_SIZES_PROBED = 5  # 1 to 16: a probe that cannot reach the default batch size is not run
 FALLBACK_BATCH_SIZE = 16  # the default --batch-size
 NEAR_BEST = 0.95  # a batch this close to the fastest rate counts as fast
-
-
-def _available_memory_bytes() -> int | None:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
-    except (ValueError, OSError):
-        return None
 
 
 def _cpu_bytes_per_chunk(loaded: LoadedModel, context_length: int) -> int:
@@ -54,8 +40,8 @@ def _cpu_bytes_per_chunk(loaded: LoadedModel, context_length: int) -> int:
 
 
 def _run(loaded: LoadedModel, capture: LayerCapture, input_ids: torch.Tensor) -> None:
-    rows = torch.zeros(1, dtype=torch.long, device=loaded.device)
-    cols = torch.zeros(1, dtype=torch.long, device=loaded.device)
+    rows = torch.zeros(1, dtype=torch.long, device=loaded.placement.input)
+    cols = torch.zeros(1, dtype=torch.long, device=loaded.placement.input)
     capture.run(loaded.model, input_ids, rows, cols)
 
 
@@ -64,7 +50,7 @@ def choose_batch_size(loaded: LoadedModel, chunks: np.ndarray, wanted_chunks: in
     context_length = chunks.shape[1]
     sample = torch.from_numpy(chunks[: min(len(chunks), CPU_MAX_BATCH)])
     with torch.inference_mode():
-        if loaded.device.type == "cuda":
+        if loaded.placement.input.type == "cuda":
             return _cuda_batch_size(loaded, sample, wanted_chunks, layers)
         return _cpu_batch_size(loaded, sample, wanted_chunks, context_length)
 
@@ -73,16 +59,16 @@ def _cuda_batch_size(loaded, sample, wanted_chunks, layers):
     peaks = []
     with LayerCapture(loaded, [max(layers)]) as capture:
         for n in (1, 2):
-            torch.cuda.synchronize(loaded.device)
+            torch.cuda.synchronize(loaded.placement.input)
             torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats(loaded.device)
-            base = torch.cuda.memory_allocated(loaded.device)
-            _run(loaded, capture, sample[[i % len(sample) for i in range(n)]].to(loaded.device))
-            torch.cuda.synchronize(loaded.device)
-            peaks.append(torch.cuda.max_memory_allocated(loaded.device) - base)
+            torch.cuda.reset_peak_memory_stats(loaded.placement.input)
+            base = torch.cuda.memory_allocated(loaded.placement.input)
+            _run(loaded, capture, sample[[i % len(sample) for i in range(n)]].to(loaded.placement.input))
+            torch.cuda.synchronize(loaded.placement.input)
+            peaks.append(torch.cuda.max_memory_allocated(loaded.placement.input) - base)
     per_chunk = max(peaks[1] - peaks[0], 1)
     fixed = max(peaks[0] - per_chunk, 0)
-    free, _ = torch.cuda.mem_get_info(loaded.device)
+    free, _ = torch.cuda.mem_get_info(loaded.placement.input)
     fits = max(1, int((0.8 * free - fixed) // per_chunk))
     size = max(1, min(fits, wanted_chunks))
     why = (f"{per_chunk / 2**20:.0f} MiB per chunk of {sample.shape[1]} tokens, {free / 2**30:.1f} GiB free: "
@@ -91,7 +77,7 @@ def _cuda_batch_size(loaded, sample, wanted_chunks, layers):
 
 
 def _cpu_batch_size(loaded, sample, wanted_chunks, context_length):
-    available = _available_memory_bytes()
+    available = available_memory_bytes()
     per_chunk = _cpu_bytes_per_chunk(loaded, context_length)
     limit = min(CPU_MAX_BATCH, len(sample), max(1, wanted_chunks))
     if available is not None:
@@ -112,7 +98,7 @@ def _cpu_batch_size(loaded, sample, wanted_chunks, context_length):
         for round_ in range(CALLS_PER_SIZE):
             for n in affordable:
                 t = time.perf_counter()
-                _run(loaded, capture, sample[:n].to(loaded.device))
+                _run(loaded, capture, sample[:n].to(loaded.placement.input))
                 if round_:  # the first call at a new shape sets up its kernels
                     seconds[n] = min(seconds[n], time.perf_counter() - t)
     rates = {n: n * sample.shape[1] / seconds[n] for n in affordable}

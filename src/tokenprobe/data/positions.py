@@ -18,8 +18,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from tokenprobe.errors import TokenprobeError
+from tokenprobe.vocabulary import SUBSETS
 
-SUBSETS = ("train", "eval", "eval_natural")
 MIN_POSITIVES = {"train": 8, "eval": 4}
 
 

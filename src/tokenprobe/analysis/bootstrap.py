@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from tokenprobe.metrics import BinaryMetrics
+from tokenprobe.analysis.metrics import BinaryMetrics
+from tokenprobe.vocabulary import ScorerKey
 
 INTERVAL_METRICS = ("balanced_accuracy", "accuracy", "auroc")
 CONFUSION = ("tp", "fp", "tn", "fn")
@@ -178,8 +179,8 @@ class Scorer:
 class Difference:
     """Paired bootstrap comparison of two scorers on one metric: a minus b."""
 
-    a: str
-    b: str
+    a: ScorerKey
+    b: ScorerKey
     metric: str
     difference: float
     low: float
@@ -191,7 +192,7 @@ class Difference:
         return bool(self.low > 0 or self.high < 0)
 
     def to_dict(self) -> dict:
-        return {"a": self.a, "b": self.b, "metric": self.metric, "difference": self.difference,
+        return {"a": str(self.a), "b": str(self.b), "metric": self.metric, "difference": self.difference,
                 "low": self.low, "high": self.high, "significant": self.significant}
 
 
@@ -199,19 +200,19 @@ class Difference:
 class Evaluation:
     """Point metrics, bootstrap distributions and intervals of several scorers on several sets."""
 
-    metrics: dict[str, dict[str, BinaryMetrics]] = field(default_factory=dict)  # scorer -> set -> metrics
-    samples: dict[str, dict[str, dict[str, np.ndarray]]] = field(default_factory=dict)  # scorer -> set -> metric
+    metrics: dict[ScorerKey, dict[str, BinaryMetrics]] = field(default_factory=dict)  # scorer -> set -> metrics
+    samples: dict[ScorerKey, dict[str, dict[str, np.ndarray]]] = field(default_factory=dict)  # scorer -> set -> metric
     chunks: dict[str, int] = field(default_factory=dict)  # set -> held-out chunks resampled
     resamples: int = 0
 
-    def interval(self, scorer: str, subset: str, metric: str) -> tuple[float, float]:
+    def interval(self, scorer: ScorerKey, subset: str, metric: str) -> tuple[float, float]:
         dist = self.samples.get(scorer, {}).get(subset, {}).get(metric)
         return interval(dist) if dist is not None else (float("nan"), float("nan"))
 
-    def intervals(self, scorer: str, subset: str) -> dict[str, tuple[float, float]]:
+    def intervals(self, scorer: ScorerKey, subset: str) -> dict[str, tuple[float, float]]:
         return {m: self.interval(scorer, subset, m) for m in INTERVAL_METRICS if self.samples.get(scorer, {}).get(subset)}
 
-    def ratio(self, numerator: str, denominator: str, subset: str, metric: str = "auroc") -> tuple[float, float, float]:
+    def ratio(self, numerator: ScorerKey, denominator: ScorerKey, subset: str, metric: str = "auroc") -> tuple[float, float, float]:
         """numerator/denominator of a metric (e.g. probe AUROC as a fraction of the model's), paired interval."""
         point = getattr(self.metrics[numerator][subset], metric) / getattr(self.metrics[denominator][subset], metric)
         a = self.samples.get(numerator, {}).get(subset, {}).get(metric)
@@ -219,7 +220,7 @@ class Evaluation:
         low, high = interval(a / b) if a is not None and b is not None else (float("nan"), float("nan"))
         return float(point), low, high
 
-    def difference(self, a: str, b: str, subset: str, metric: str) -> Difference:
+    def difference(self, a: ScorerKey, b: ScorerKey, subset: str, metric: str) -> Difference:
         point = getattr(self.metrics[a][subset], metric) - getattr(self.metrics[b][subset], metric)
         da = self.samples.get(a, {}).get(subset, {}).get(metric)
         db = self.samples.get(b, {}).get(subset, {}).get(metric)
@@ -228,13 +229,13 @@ class Evaluation:
 
 
 def evaluate(
-    scorers: dict[str, Scorer],
+    scorers: dict[ScorerKey, Scorer],
     labels: np.ndarray,
     chunk: np.ndarray,
     index: dict[str, np.ndarray],
     resamples: int = 1000,
     seed: int = 0,
-    only: dict[str, tuple[str, ...]] | None = None,
+    only: dict[ScorerKey, tuple[str, ...]] | None = None,
 ) -> Evaluation:
     """Metrics of every scorer on every set of `index` (set -> position indices), with 95% intervals.
 
@@ -265,7 +266,7 @@ def evaluate(
     return result
 
 
-def pairwise_differences(evaluation: Evaluation, names: list[str], subset: str, metric: str) -> list[Difference]:
+def pairwise_differences(evaluation: Evaluation, names: list[ScorerKey], subset: str, metric: str) -> list[Difference]:
     """Every pair (a, b) of `names` with a before b, each with its paired 95% interval."""
     return [evaluation.difference(a, b, subset, metric)
             for i, a in enumerate(names) for b in names[i + 1:]]

@@ -5,78 +5,12 @@ from __future__ import annotations
 import csv
 import io
 import math
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tokenprobe.files import atomic_write_bytes, write_json
-from tokenprobe.metrics import BinaryMetrics
-
-Intervals = dict[str, tuple[float, float]]  # metric -> (low, high), 95% bootstrap over held-out chunks
-
-EVAL_SETS = ("eval", "eval_natural", "train")
-SET_DESCRIPTIONS = {
-    "eval": "held-out chunks, balanced 50/50 (primary)",
-    "eval_natural": "held-out chunks, natural class ratio",
-    "train": "training positions",
-}
-
-
-@dataclass(frozen=True)
-class LayerResult:
-    layer: int
-    run_name: str
-    probe_file: str | None
-    metrics: dict[str, BinaryMetrics]  # keyed by EVAL_SETS
-    intervals: dict[str, Intervals] = field(default_factory=dict)  # set -> metric -> (low, high)
-    logit_lens: dict[str, BinaryMetrics] = field(default_factory=dict)  # set -> metrics of this layer's logit lens
-    logit_lens_intervals: dict[str, Intervals] = field(default_factory=dict)
-    auroc_fraction_of_model: dict[str, tuple[float, float, float]] = field(default_factory=dict)  # set -> (value, low, high)
-    l2: float | None = None  # the probe's L2 penalty (chosen per layer with --l2 auto)
-
-    @property
-    def primary(self) -> BinaryMetrics:
-        return self.metrics["eval"]
-
-    def to_dict(self) -> dict[str, Any]:
-        """Flat primary metrics (held-out, balanced) with their intervals, plus every set in full."""
-        out = {
-            "layer": self.layer,
-            "run_name": self.run_name,
-            "probe_file": self.probe_file,
-            "l2": self.l2,
-            **with_intervals(self.primary, self.intervals.get("eval", {})),
-            "sets": {name: with_intervals(m, self.intervals.get(name, {})) for name, m in self.metrics.items()},
-        }
-        if self.logit_lens:
-            out["logit_lens"] = {name: with_intervals(m, self.logit_lens_intervals.get(name, {}))
-                                 for name, m in self.logit_lens.items()}
-        if self.auroc_fraction_of_model:
-            out["auroc_fraction_of_model"] = {name: {"value": v, "low": lo, "high": hi}
-                                              for name, (v, lo, hi) in self.auroc_fraction_of_model.items()}
-        return out
-
-
-@dataclass(frozen=True)
-class BaselineResult:
-    """A run-level baseline (the model's own prediction, token statistics, majority class)."""
-
-    name: str
-    description: str
-    metrics: dict[str, BinaryMetrics]  # set -> metrics
-    intervals: dict[str, Intervals] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"description": self.description,
-                "sets": {name: with_intervals(m, self.intervals.get(name, {})) for name, m in self.metrics.items()}}
-
-
-def with_intervals(metrics: BinaryMetrics, intervals: Intervals) -> dict[str, Any]:
-    """The metrics as a flat dict, each interval as `<metric>_low` and `<metric>_high`."""
-    out: dict[str, Any] = dict(metrics.to_dict())
-    for name, (low, high) in intervals.items():
-        out[f"{name}_low"], out[f"{name}_high"] = low, high
-    return out
+from tokenprobe.analysis.metrics import BaselineResult, BinaryMetrics, Intervals, LayerResult, flat_metrics
+from tokenprobe.files import atomic_write_bytes, json_safe, write_json
+from tokenprobe.vocabulary import EVAL, EVAL_NATURAL, SET_DESCRIPTIONS, best_index
 
 
 def _fmt(value: float, digits: int = 3) -> str:
@@ -96,11 +30,11 @@ def format_table(layers: list[LayerResult], baselines: list[BaselineResult] | No
             f"{'lens bal.acc':>12} {'AUROC':>6}  {'TP':>6} {'FP':>6} {'TN':>6} {'FN':>6}"
             f"   {'natural: bal.acc':>16}  {'acc':>6}  {'AUROC':>6}")
     lines = [head, "-" * len(head)]
-    best = max(layers, key=lambda r: -1 if math.isnan(r.primary.balanced_accuracy) else r.primary.balanced_accuracy)
+    best = layers[best_index([r.primary.balanced_accuracy for r in layers])]
     for r in layers:
-        m, nat, iv = r.primary, r.metrics["eval_natural"], r.intervals.get("eval", {})
-        lens = r.logit_lens.get("eval")
-        fraction = r.auroc_fraction_of_model.get("eval", (float("nan"),))[0]
+        m, nat, iv = r.primary, r.metrics[EVAL_NATURAL], r.intervals.get(EVAL, {})
+        lens = r.logit_lens.get(EVAL)
+        fraction = r.auroc_fraction_of_model.get(EVAL, (float("nan"),))[0]
         mark = " *" if r is best else (" =" if indistinguishable and r.layer in indistinguishable else "")
         lines.append(
             f"{r.layer:>5}  {_fmt(m.balanced_accuracy):>7} {_ci(iv, 'balanced_accuracy'):<13}  {_fmt(m.auroc):>6} "
@@ -110,7 +44,7 @@ def format_table(layers: list[LayerResult], baselines: list[BaselineResult] | No
             f"{_fmt(nat.accuracy):>6}  {_fmt(nat.auroc):>6}{mark}"
         )
     for b in baselines or []:
-        m, nat, iv = b.metrics.get("eval"), b.metrics.get("eval_natural"), b.intervals.get("eval", {})
+        m, nat, iv = b.metrics.get(EVAL), b.metrics.get(EVAL_NATURAL), b.intervals.get(EVAL, {})
         if m is None:
             continue
         lines.append(
@@ -121,8 +55,8 @@ def format_table(layers: list[LayerResult], baselines: list[BaselineResult] | No
         )
     first = layers[0].metrics
     lines.append(
-        f"held-out balanced set: {first['eval'].n:,} positions ({first['eval'].positives:,} positive); "
-        f"natural set: {first['eval_natural'].n:,} positions ({first['eval_natural'].positives:,} positive); "
+        f"held-out balanced set: {first[EVAL].n:,} positions ({first[EVAL].positives:,} positive); "
+        f"natural set: {first[EVAL_NATURAL].n:,} positions ({first[EVAL_NATURAL].positives:,} positive); "
         f"* best layer" + ("; = indistinguishable from it (paired 95% CI of the difference includes 0)"
                            if indistinguishable else "")
     )
@@ -138,8 +72,8 @@ CSV_INTERVALS = [f"{m}_{end}" for m in ("balanced_accuracy", "accuracy", "auroc"
 
 def _csv_row(layer: int | str, subset: str, scorer: str, metrics: BinaryMetrics, intervals: Intervals,
              extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    row = {"layer": layer, "set": subset, "scorer": scorer, **with_intervals(metrics, intervals), **(extra or {})}
-    return {k: ("" if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()}
+    return json_safe({"layer": layer, "set": subset, "scorer": scorer, **flat_metrics(metrics, intervals),
+                      **(extra or {})})  # NaN -> None, which csv writes as an empty field
 
 
 def write_results(out_dir: Path, record: dict[str, Any], layers: list[LayerResult],

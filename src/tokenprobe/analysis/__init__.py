@@ -1,0 +1,1 @@
+"""Scoring probes and baselines on held-out positions: metrics, chunk bootstrap, baselines."""

@@ -1,0 +1,152 @@
+"""One forward pass per batch feeds every requested layer.
+
+Hooks on the decoder blocks copy the residual stream at the sampled positions only, in the dtype
+the model computes it in (bfloat16 activations are kept as bfloat16: a float32 copy would double the
+memory and add no information; they become float32 one layer at a time where probes are fitted), and
+the pass is stopped by an exception right after the deepest requested layer, so the remaining blocks,
+the final norm and the full-vocabulary unembedding are never computed. Each finished batch goes to
+the run's sinks (memory, resume checkpoint).
+
+Layer 0 is the input of the first block (the embedding output, scaled or with positions added as
+the model does); layer l >= 1 is the output of block l-1. These match ``output_hidden_states``
+except for the last layer, which transformers reports after the final norm and we report before it.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from tokenprobe.device import dtype_name, is_out_of_memory, release_memory
+from tokenprobe.errors import TokenprobeError
+from tokenprobe.extract.capture import LayerCapture
+from tokenprobe.extract.plan import RunPlan
+from tokenprobe.extract.sinks import ActivationSink, CheckpointSink
+from tokenprobe.models.loading import LoadedModel
+
+
+@dataclass
+class ExtractionStats:
+    """What one extraction did: batches computed, resumed and skipped, tokens and time."""
+
+    batches: int = 0
+    bad_batches: int = 0
+    bad_layers: dict[int, int] = field(default_factory=dict)  # layer -> batches with NaN/Inf there
+    resumed_batches: int = 0  # read back from an interrupted run's checkpoint instead of recomputed
+    batch_size: int = 0  # the batch size used (smaller than asked for after an out-of-memory retry)
+    tokens: int = 0
+    seconds: float = 0.0
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens / self.seconds if self.seconds else float("nan")
+
+    def record(self) -> dict:
+        return {"batches": self.batches, "bad_batches": self.bad_batches, "resumed_batches": self.resumed_batches,
+                "batch_size": self.batch_size, "bad_layers": self.bad_layers, "tokens": self.tokens,
+                "tokens_per_second": self.tokens_per_second}
+
+
+def dtype_advice(dtype: torch.dtype) -> str:
+    if dtype == torch.float16:
+        return "float16 overflows in this model; use --dtype bfloat16 (or float32)"
+    if dtype == torch.bfloat16:
+        return "try --dtype float32"
+    return "check the model's weights: they give NaN/Inf even in float32"
+
+
+def extract(
+    loaded: LoadedModel,
+    chunks: np.ndarray,
+    plan: RunPlan,
+    positions: np.ndarray,
+    layers: list[int],
+    batch_size: int,
+    sinks: list[ActivationSink],
+    resume: CheckpointSink | None = None,
+    progress: bool = True,
+) -> ExtractionStats:
+    """Runs every batch of `plan` once, up to its chunks' last sampled position, and writes the hidden
+    states at the sampled positions (`positions`: the position within its chunk of each row) of
+    every layer in `layers` to each sink.
+
+    Batches `resume` already holds (an interrupted run's) are read back instead of recomputed and go
+    to the other sinks. Out of memory on the first batch this call computes halves the batch size and
+    retries (and says so); later, it is an error naming the size.
+    """
+    layers = sorted(layers)
+    stats = ExtractionStats()
+    context_length = chunks.shape[1]
+    device = loaded.placement.input
+
+    bar = tqdm(total=plan.tokens(batch_size), desc="Forward pass", unit="tok", unit_scale=True,
+               disable=not progress, dynamic_ncols=True)
+    started = time.perf_counter()
+    computed = 0
+    b = 0
+    with LayerCapture(loaded, layers) as capture, torch.inference_mode(), bar:
+        while b < len(plan.chunks):
+            batch = plan.batch(b, batch_size)
+            done = resume.read(batch, layers) if resume is not None else None
+            if done is not None:
+                captured, nonfinite = done
+                stats.resumed_batches += 1
+            else:
+                input_ids = torch.from_numpy(chunks[batch.chunks, : batch.length]).to(device)
+                try:
+                    captured, nonfinite = capture.run(
+                        loaded.model, input_ids,
+                        torch.from_numpy(batch.rows).to(device), torch.from_numpy(positions[batch.index]).to(device),
+                    )
+                except KeyboardInterrupt:
+                    if resume is not None:
+                        print(f"\nInterrupted: {stats.batches} finished batches are kept in {resume.folder}; "
+                              "run the same command again to resume", file=sys.stderr, flush=True)
+                    raise
+                except Exception as exc:
+                    if not is_out_of_memory(exc):
+                        raise
+                    release_memory(device)
+                    if computed == 0 and batch_size > 1:
+                        print(f"\nwarning: out of memory on the first batch at --batch-size {batch_size}; "
+                              f"retrying with --batch-size {batch_size // 2}", file=sys.stderr, flush=True)
+                        batch_size //= 2
+                        bar.total = plan.tokens(batch_size)
+                        continue
+                    raise TokenprobeError(
+                        f"out of memory at --batch-size {batch_size} (batch {stats.batches + 1}, "
+                        f"{len(batch.chunks)} chunks of {context_length} tokens on {device}); "
+                        + (f"use --batch-size {batch_size // 2} or a smaller --context-length" if batch_size > 1 else
+                           "even one chunk does not fit: use a smaller --context-length or --dtype bfloat16")
+                    ) from exc
+                computed += 1
+            for sink in sinks:
+                if done is None or sink is not resume:
+                    sink.write(batch, captured, nonfinite)
+            b += len(batch.chunks)
+            stats.batches += 1
+            if nonfinite:
+                stats.bad_batches += 1
+                for layer in nonfinite:
+                    stats.bad_layers[layer] = stats.bad_layers.get(layer, 0) + 1
+                if stats.batches >= 4 and stats.bad_batches == stats.batches:
+                    break  # every batch so far is bad: stop now rather than after the whole corpus
+            stats.tokens += len(batch.chunks) * batch.length
+            bar.update(len(batch.chunks) * batch.length)
+            if stats.bad_batches:
+                bar.set_postfix_str(f"{stats.bad_batches} bad batches skipped")
+    stats.seconds = time.perf_counter() - started
+    stats.batch_size = batch_size
+    release_memory(device)  # the forward pass's working memory, before probes and baselines need theirs
+    if stats.bad_batches * 2 > stats.batches:
+        first_bad = min(stats.bad_layers)
+        raise TokenprobeError(
+            f"{stats.bad_batches} of {stats.batches} batches had NaN/Inf hidden states "
+            f"(from layer {first_bad} on) in {dtype_name(loaded.dtype)}: {dtype_advice(loaded.dtype)}"
+        )
+    return stats

@@ -1,0 +1,291 @@
+"""`train`: prepare -> plan -> extract -> fit -> score -> record -> publish, one stage per function."""
+
+from __future__ import annotations
+
+import datetime
+import platform
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from tokenprobe.analysis.metrics import BaselineResult, LayerResult
+from tokenprobe.analysis.scoring import RunEvaluation, score_run
+from tokenprobe.config import RunConfig, parse_layers, run_name, sweep_name
+from tokenprobe.data.prepare import Prepared, prepare
+from tokenprobe.device import dtype_name
+from tokenprobe.errors import TokenprobeError
+from tokenprobe.extract.extract import ExtractionStats, extract
+from tokenprobe.extract.plan import RunPlan
+from tokenprobe.extract.sinks import CheckpointSink, MemorySink
+from tokenprobe.files import default_cache_dir, write_json
+from tokenprobe.models.loading import LoadedModel, load_model
+from tokenprobe.pipelines.run_dir import RUN_RECORD, RunDir, default_out_dir
+from tokenprobe.probes.base import ModelIdentity, ProbeMeta
+from tokenprobe.probes.linear import LinearProbe, fit_linear_probes, pos_weight_for
+from tokenprobe.report.markdown import write_report
+from tokenprobe.report.results import format_table, write_results
+from tokenprobe.report.tracking import log_to_wandb
+from tokenprobe.vocabulary import TRAIN, best_index
+
+
+@dataclass
+class RunResult:
+    config: RunConfig
+    record: dict[str, Any]
+    layers: list[LayerResult]
+    probes: dict[int, LinearProbe]
+    out_dir: Path | None
+    baselines: list[BaselineResult] = field(default_factory=list)
+    comparisons: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def best(self) -> LayerResult:
+        return self.layers[best_index([r.primary.balanced_accuracy for r in self.layers])]
+
+    def table(self) -> str:
+        ties = self.comparisons.get("balanced_accuracy", {}).get("indistinguishable_from_best")
+        return format_table(self.layers, self.baselines, ties)
+
+
+def say(message: str, quiet: bool = False) -> None:
+    if not quiet:
+        print(message, file=sys.stderr, flush=True)
+
+
+@dataclass
+class ExtractionPlan:
+    """What the forward pass computes: the layers (probed, plus the last one the baselines need), the
+    batches, and the checkpoint finished batches go to."""
+
+    probed: list[int]
+    layers: list[int]
+    baselines: bool
+    plan: RunPlan
+    batch_size: int
+    checkpoint: CheckpointSink
+
+
+def train(
+    config: RunConfig | None = None,
+    *,
+    out_dir: str | Path | None = None,
+    loaded: LoadedModel | None = None,
+    cache_dir: str | Path | None = None,
+    overwrite: bool = False,
+    save: bool = True,
+    progress: bool = True,
+) -> RunResult:
+    """Trains and evaluates one probe per requested layer from a single forward pass per batch.
+
+    Pass `loaded` (from :func:`tokenprobe.load_model`) to reuse a model across calls. With
+    ``save=True`` the probes and results go to `out_dir` (default ``runs/<sweep name>-<time>``),
+    written to a staging folder first so an interrupted run leaves nothing half-written.
+    """
+    config = config or RunConfig()
+    config.validate()
+    quiet = not progress
+    cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
+    run_dir = RunDir(out_dir, overwrite) if save else None
+    timings: dict[str, float] = {}
+    started = time.perf_counter()
+
+    loaded = load_stage(config, loaded, cache_dir, progress)
+    timings["load_model_s"] = time.perf_counter() - started
+    layers = parse_layers(config.layers, loaded.num_layers)
+    if loaded.max_positions and config.context_length > loaded.max_positions:
+        raise TokenprobeError(
+            f"--context-length {config.context_length} exceeds this model's limit of {loaded.max_positions} positions"
+        )
+
+    t = time.perf_counter()
+    prepared = prepare(config, loaded, cache_dir, progress, say=lambda m: say(m, quiet))
+    timings["chunks_s"] = time.perf_counter() - t
+    counts = prepared.positions.counts()
+    say("Positions: " + "; ".join(f"{k} {v['positions']:,} ({v['positive']:,} positive) from {v['chunks']:,} chunks"
+                                  for k, v in counts.items()), quiet)
+    say(f"Layers {','.join(map(str, layers))}: one forward pass per batch, stopping after layer {max(layers)}", quiet)
+
+    planned = plan_stage(config, loaded, prepared, layers, cache_dir, timings, quiet)
+    source, stats = extract_stage(loaded, prepared, planned, progress)
+    timings["forward_s"] = stats.seconds
+
+    t = time.perf_counter()
+    probes, pos_weight = fit_stage(config, loaded, prepared, source, layers, progress)
+    timings["train_probes_s"] = time.perf_counter() - t
+    penalties = [probe.fit_info["l2"] for probe in probes.values()]
+    say(f"L2 penalty {'chosen per layer on a fifth of the training chunks: ' if config.l2 == 'auto' else ''}"
+        f"{_span(penalties)} ({probes[layers[0]].fit_info['l2_method']})", quiet)
+
+    t = time.perf_counter()
+    if planned.baselines or config.bootstrap:
+        say(("Baselines and " if planned.baselines else "") + f"95% intervals ({config.bootstrap} bootstrap "
+            "resamples of held-out chunks)", quiet)
+    scored = score_run(loaded, prepared, source, probes, planned.baselines, config.bootstrap, config.seed)
+    timings["baselines_intervals_s"] = time.perf_counter() - t
+
+    record = record_stage(config, loaded, prepared, layers, stats, pos_weight, timings, scored)
+    results = layer_results(config, loaded, prepared, record, probes, scored, save)
+    timings["total_s"] = time.perf_counter() - started
+
+    if run_dir is not None:
+        def write(staging: Path) -> None:
+            (staging / "probes").mkdir()
+            for r in results:
+                probes[r.layer].save(staging / r.probe_file)
+            write_results(staging, record, results, scored.baselines, {"comparisons": scored.comparisons})
+            write_report(staging)
+            write_json(staging / RUN_RECORD, record)
+
+        out_dir = run_dir.publish(default_out_dir(config, loaded.name), write)
+    planned.checkpoint.remove()  # only now: until the run is saved, a rerun can resume from it
+    result = RunResult(config=config, record=record, layers=results, probes=probes,
+                       out_dir=out_dir if save else None, baselines=scored.baselines, comparisons=scored.comparisons)
+    if config.wandb:
+        log_to_wandb(result, say=say)  # shown even with --quiet: where the runs went matters
+    return result
+
+
+# -------------------------------------------------------------------------------------------- stages
+
+
+def load_stage(config: RunConfig, loaded: LoadedModel | None, cache_dir: Path, progress: bool) -> LoadedModel:
+    quiet = not progress
+    if loaded is None:
+        say(f"Loading model {config.model} ...", quiet)
+        loaded = load_model(config.model, config.dtype, config.device, cache_dir, progress=progress)
+    say(f"Model {loaded.name}: {loaded.num_layers} layers, width {loaded.hidden_size}, {dtype_name(loaded.dtype)} on "
+        f"{loaded.placement.input}", quiet)
+    if loaded.dtype == torch.float16:
+        say("warning: float16 overflows in some models (Gemma 3 among them); bad batches will be skipped", quiet)
+    return loaded
+
+
+def plan_stage(config: RunConfig, loaded: LoadedModel, prepared: Prepared, layers: list[int], cache_dir: Path,
+               timings: dict[str, float], quiet: bool) -> ExtractionPlan:
+    """The layers to extract, the batch size (``auto`` probed here), and the resume checkpoint."""
+    # The model's own prediction (a baseline) needs the last layer's residual even when it is not probed.
+    # The baselines predict the next token: for other tasks they would answer another question.
+    baselines = config.baselines and prepared.labeler.predicts_next_token
+    if config.baselines and not baselines:
+        say("Baselines skipped: they predict the next token, and --task current asks about this one", quiet)
+    extract_layers = sorted({*layers, loaded.num_layers}) if baselines else layers
+    if extract_layers != layers:
+        say(f"Baselines: also extracting layer {loaded.num_layers} for the model's own prediction", quiet)
+    positions = prepared.positions
+    checkpoint = CheckpointSink.for_run(cache_dir, loaded, prepared.chunks, positions, extract_layers)
+    batch_size = config.batch_size
+    if batch_size == "auto" and checkpoint.resumable_batch_size():
+        batch_size = checkpoint.resumable_batch_size()  # what the interrupted run chose, so its batches count
+    if batch_size == "auto":
+        from tokenprobe.extract.batch_size import choose_batch_size
+
+        t = time.perf_counter()
+        batch_size, why = choose_batch_size(loaded, prepared.chunks, len(np.unique(positions.chunk)), extract_layers)
+        timings["batch_size_probe_s"] = time.perf_counter() - t
+        say(f"--batch-size auto: {batch_size} ({why})", quiet)
+    if checkpoint.completed(batch_size):
+        say(f"Resuming: {checkpoint.completed(batch_size)} batches were already extracted by an "
+            f"interrupted run ({checkpoint.folder})", quiet)
+    return ExtractionPlan(probed=layers, layers=extract_layers, baselines=baselines, plan=RunPlan.of(positions),
+                          batch_size=batch_size, checkpoint=checkpoint)
+
+
+def extract_stage(loaded: LoadedModel, prepared: Prepared, planned: ExtractionPlan,
+                  progress: bool) -> tuple[MemorySink, ExtractionStats]:
+    """One forward pass per batch into memory and the checkpoint (read back where a run was interrupted)."""
+    memory = MemorySink(planned.layers, len(prepared.positions), loaded.hidden_size, loaded.dtype)
+    try:
+        stats = extract(loaded, prepared.chunks, planned.plan, prepared.positions.position, planned.layers,
+                        planned.batch_size, sinks=[memory, planned.checkpoint], resume=planned.checkpoint,
+                        progress=progress)
+    except TokenprobeError:
+        planned.checkpoint.remove()  # a rerun would only meet the same error
+        raise
+    if stats.bad_batches:
+        say(f"warning: skipped {stats.bad_batches} of {stats.batches} batches with NaN/Inf hidden states", not progress)
+    return memory, stats
+
+
+def fit_stage(config: RunConfig, loaded: LoadedModel, prepared: Prepared, source: MemorySink, layers: list[int],
+              progress: bool) -> tuple[dict[int, LinearProbe], float]:
+    """One probe per probed layer (not the extra baseline layer), on the usable training positions."""
+    positions = prepared.positions
+    train_rows = torch.from_numpy(np.flatnonzero(positions.mask(TRAIN) & source.keep))
+    train_labels = torch.from_numpy(positions.label)[train_rows]
+    pos_weight = pos_weight_for(train_labels, config.pos_weight_cap)
+    # Views of each probed layer: the training rows are gathered one layer at a time inside the fit.
+    fitted = fit_linear_probes([source.layer(layer) for layer in layers], train_labels, rows=train_rows,
+                               l2=config.l2, pos_weight=pos_weight, max_iter=config.max_iter,
+                               device=loaded.placement.probes, progress=progress,
+                               groups=torch.from_numpy(positions.chunk)[train_rows], seed=config.seed)
+    return dict(zip(layers, fitted)), pos_weight
+
+
+def record_stage(config: RunConfig, loaded: LoadedModel, prepared: Prepared, layers: list[int],
+                 stats: ExtractionStats, pos_weight: float, timings: dict[str, float],
+                 scored: RunEvaluation) -> dict[str, Any]:
+    """The run record (run.json): what was asked, what was resolved, what it cost."""
+    target = prepared.target
+    return {
+        "config": config.to_dict(),
+        "sweep_name": sweep_name(config, loaded.name),
+        "model": {"name": loaded.name, "source": loaded.source, "weights_hash": loaded.weights_hash,
+                  "tokenizer_hash": loaded.tokenizer_hash, "architecture": type(loaded.model).__name__,
+                  "num_layers": loaded.num_layers, "hidden_size": loaded.hidden_size},
+        "layers": layers,
+        "dtype": dtype_name(loaded.dtype),
+        "device": str(loaded.placement.input),
+        "target": {"text": target.text, "token_id": target.token_id, "token": target.token},
+        "corpus": prepared.corpus_record(),
+        "positions": prepared.positions.counts(),
+        "pos_weight": pos_weight,
+        "extraction": stats.record(),
+        "timings": timings,
+        "baselines": scored.info,
+        "intervals": {"level": 0.95, "resamples": config.bootstrap, "unit": "held-out chunks"},
+        "versions": {"tokenprobe": _version(), "torch": torch.__version__, "transformers": _transformers_version(),
+                     "python": platform.python_version()},
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def layer_results(config: RunConfig, loaded: LoadedModel, prepared: Prepared, record: dict[str, Any],
+                  probes: dict[int, LinearProbe], scored: RunEvaluation, save: bool) -> list[LayerResult]:
+    """Each layer's results, and each probe's metadata (which refers to the run record)."""
+    results = []
+    for layer, probe in probes.items():
+        metrics = scored.probe_metrics(layer)
+        name = run_name(config, layer, loaded.name)
+        probe.meta = ProbeMeta(
+            kind=probe.kind, layer=layer, task=config.task, target=prepared.target.text,
+            target_ids=[prepared.target.token_id], model=ModelIdentity.of(loaded),
+            context_length=config.context_length, dtype=record["dtype"], run_name=name,
+            tokenprobe_version=_version(), fit=probe.fit_info, metrics={k: m.to_dict() for k, m in metrics.items()},
+            config=record["config"], corpus={k: record["corpus"][k] for k in ("name", "sha256")},
+            sweep_name=record["sweep_name"], created=record["created"])
+        results.append(LayerResult(layer=layer, run_name=name, probe_file=f"probes/layer{layer:02d}.safetensors"
+                                   if save else None, metrics=metrics, l2=probe.fit_info["l2"],
+                                   **scored.layer_fields(layer)))
+    return results
+
+
+def _span(values: list[float]) -> str:
+    low, high = min(values), max(values)
+    return f"{low:g}" if low == high else f"{low:g} to {high:g} (median {float(np.median(values)):g})"
+
+
+def _version() -> str:
+    from tokenprobe import __version__
+
+    return __version__
+
+
+def _transformers_version() -> str:
+    import transformers
+
+    return transformers.__version__
