@@ -163,13 +163,10 @@ def setup(args: argparse.Namespace, batch_size: int) -> Setup:
     """The model (once) and tokenprobe's own chunks, split and balanced positions."""
     import numpy as np
 
-    from tokenprobe.chunks import load_chunks
     from tokenprobe.config import RunConfig
-    from tokenprobe.corpus import load_corpus
+    from tokenprobe.data.prepare import prepare
     from tokenprobe.files import default_cache_dir
-    from tokenprobe.labels import cached_target, task_labels
-    from tokenprobe.models import load_model
-    from tokenprobe.positions import sample_positions, split_chunks
+    from tokenprobe.models.loading import load_model
 
     cache_dir = args.cache_dir or default_cache_dir()
     # Ask for more training positions than the token budget holds: every positive is used, balanced
@@ -184,20 +181,13 @@ def setup(args: argparse.Namespace, batch_size: int) -> Setup:
     t = time.perf_counter()
     loaded = load_model(config.model, config.dtype, config.device, cache_dir)
     load_s = time.perf_counter() - t
-    corpus = load_corpus(config.corpus, config.text_field, config.corpus_config, config.corpus_split)
-    chunks, bos_id, _ = load_chunks(corpus, lambda: loaded.tokenizer, loaded.tokenizer_hash, config.context_length,
-                                    cache_dir, False)
-    target = cached_target(loaded, config.target, config.target_id, cache_dir)
-    max_chunks = config.max_tokens // config.context_length if config.max_tokens else None
-    split = split_chunks(len(chunks), config.eval_fraction, config.seed, max_chunks)
-    labels, valid = task_labels(chunks, target.token_id, config.task, bos_id is not None)
     import warnings
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "only N positive positions exist": intended, we take them all
-        positions = sample_positions(labels, valid, split, config.train_positions, config.eval_positions,
-                                     config.balance, config.seed)
-    return Setup(loaded, config, chunks, positions, np.unique(positions.chunk), load_s, Path(cache_dir),
+        prepared = prepare(config, loaded, Path(cache_dir), progress=False)  # tokenprobe's own data path
+    positions = prepared.positions
+    return Setup(loaded, config, prepared.chunks, positions, np.unique(positions.chunk), load_s, Path(cache_dir),
                  args.paired_batches)
 
 
@@ -216,17 +206,17 @@ def batches(s: Setup, batch_size: int, chunk_ids=None):
             index.append(hit)
             rows.append(np.full(len(hit), r))
         index = np.concatenate(index)
-        dev = s.loaded.device
+        dev = s.loaded.placement.input
         yield (torch.from_numpy(s.chunks[batch]).to(dev), torch.from_numpy(np.concatenate(rows)).to(dev),
                torch.from_numpy(pos.position[index]).to(dev), index)
 
 
 def now(s: Setup) -> float:
     """time.perf_counter() once the device has done the work queued on it (CUDA runs asynchronously)."""
-    if s.loaded.device.type == "cuda":
+    if s.loaded.placement.input.type == "cuda":
         import torch
 
-        torch.cuda.synchronize(s.loaded.device)
+        torch.cuda.synchronize(s.loaded.placement.input)
     return time.perf_counter()
 
 
@@ -235,17 +225,17 @@ def now(s: Setup) -> float:
 
 def cut_batches(s: Setup, batch_size: int):
     """(input_ids, rows, cols) of tokenprobe's own batches on the model's device: chunks longest first,
-    each batch cut after its last sampled position (tokenprobe.activations.RunPlan)."""
+    each batch cut after its last sampled position (tokenprobe.extract.plan.RunPlan)."""
     import torch
 
-    from tokenprobe.activations import RunPlan
+    from tokenprobe.extract.plan import RunPlan
 
     plan = RunPlan.of(s.positions)
-    dev = s.loaded.device
+    dev = s.loaded.placement.input
     for b in range(0, len(plan.chunks), batch_size):
-        chunk_ids, index, rows, length = plan.batch(b, batch_size)
-        yield (torch.from_numpy(s.chunks[chunk_ids, :length]).to(dev), torch.from_numpy(rows).to(dev),
-               torch.from_numpy(s.positions.position[index]).to(dev))
+        batch = plan.batch(b, batch_size)
+        yield (torch.from_numpy(s.chunks[batch.chunks, : batch.length]).to(dev), torch.from_numpy(batch.rows).to(dev),
+               torch.from_numpy(s.positions.position[batch.index]).to(dev))
 
 
 def run_bare(s: Setup, batch_size: int, max_batches: int | None = None, cut: bool = False) -> dict:
@@ -280,7 +270,7 @@ def run_paired(s: Setup, batch_size: int) -> dict:
 
     import torch
 
-    from tokenprobe.activations import LayerCapture
+    from tokenprobe.extract.capture import LayerCapture
 
     model = s.loaded.model
     base = getattr(model, model.base_model_prefix)
@@ -318,7 +308,7 @@ def run_tokenprobe(s: Setup, batch_size: int | str, max_batches: int | None = No
     import dataclasses
     import shutil
 
-    from tokenprobe.train import train
+    from tokenprobe.pipelines.train import train
 
     config = dataclasses.replace(s.config, batch_size=batch_size, baselines=baselines)
     if max_batches is not None:
@@ -353,7 +343,7 @@ def run_recipe(s: Setup, batch_size: int, max_batches: int | None = None) -> dic
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    from tokenprobe.positions import SUBSETS
+    from tokenprobe.vocabulary import SUBSETS
 
     pos = s.positions
     n_layers = s.loaded.num_layers + 1
@@ -388,7 +378,7 @@ def run_seed(s: Setup, batch_size: int, epochs: int, lr: float) -> dict:
     import torch
 
     from tokenprobe.config import parse_layers
-    from tokenprobe.positions import SUBSETS
+    from tokenprobe.vocabulary import SUBSETS
 
     pos = s.positions
     layers = parse_layers("auto", s.loaded.num_layers)
@@ -399,7 +389,7 @@ def run_seed(s: Setup, batch_size: int, epochs: int, lr: float) -> dict:
     rng = np.random.default_rng(0)
     tokens = 0
     scores = {}
-    dev = s.loaded.device
+    dev = s.loaded.placement.input
     t = now(s)
 
     def hidden_at(layer, input_ids, rows, cols):
@@ -487,10 +477,10 @@ def child_main(args: argparse.Namespace) -> None:
     peak = peak_rss_kib()
     figures = {"config": args.child, "peak_rss_gb": peak / 2**20, "after_load_rss_gb": after_load / 2**20,
                "tokens": result.get("tokens", 0)}
-    if s.loaded.device.type == "cuda":  # the memory that limits the batch there is the device's
+    if s.loaded.placement.input.type == "cuda":  # the memory that limits the batch there is the device's
         import torch
 
-        figures["peak_cuda_gb"] = torch.cuda.max_memory_allocated(s.loaded.device) / 2**30
+        figures["peak_cuda_gb"] = torch.cuda.max_memory_allocated(s.loaded.placement.input) / 2**30
     print(json.dumps(figures))
 
 
@@ -658,7 +648,7 @@ def main(argv: list[str] | None = None) -> int:
         n_tok = len(s.wanted) * args.context_length
         counts = s.positions.counts()
         print(f"model {s.loaded.name}: {s.loaded.num_layers} layers, {str(s.loaded.dtype).replace('torch.', '')} "
-              f"on {s.loaded.device} (loaded in {s.load_s:.1f} s); {len(s.wanted)} chunks x {args.context_length} "
+              f"on {s.loaded.placement.input} (loaded in {s.load_s:.1f} s); {len(s.wanted)} chunks x {args.context_length} "
               f"= {n_tok:,} tokens per forward pass; batch {args.batch_size}", flush=True)
         print("positions: " + "; ".join(f"{k} {v['positions']:,} ({v['positive']:,} positive)" for k, v in counts.items()))
         runs: dict[str, list[dict]] = {c: [] for c in CONFIGS}

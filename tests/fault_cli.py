@@ -43,7 +43,7 @@ def _block_network(record: str) -> None:
 def _install_model_faults() -> None:
     import importlib
 
-    train_module = importlib.import_module("tokenprobe.train")  # the package exports a function of that name
+    train_module = importlib.import_module("tokenprobe.pipelines.train")  # the package exports a function of that name
 
     delay = float(os.environ.get("TP_FAULT_DELAY", "0") or 0)
     nan_spec = os.environ.get("TP_FAULT_NAN_BATCHES", "")

@@ -7,10 +7,11 @@ import pytest
 import torch
 
 from tokenprobe import load_model
-from tokenprobe.activations import extract
-from tokenprobe.baselines import Unembedding, choose_threshold, token_statistics
-from tokenprobe.labels import resolve_target
-from tokenprobe.positions import PositionSet
+from tokenprobe.extract.extract import extract_positions
+from tokenprobe.analysis.baselines import choose_threshold, token_statistics
+from tokenprobe.data.labels import resolve_target
+from tokenprobe.data.positions import PositionSet
+from tokenprobe.models.surgery import Unembedding
 
 
 def _probe_positions(n_chunks: int, length: int) -> PositionSet:
@@ -38,8 +39,8 @@ def test_logit_lens_equals_final_norm_and_target_row_through_the_model(loaded_mo
     ids = _inputs(loaded)
     positions = _probe_positions(*ids.shape)
     layers = list(range(loaded.num_layers + 1))
-    acts = extract(loaded, ids.numpy(), positions, layers, batch_size=2, progress=False)
-    unembed = Unembedding.of(loaded)
+    acts, _ = extract_positions(loaded, ids.numpy(), positions, layers, batch_size=2, progress=False)
+    unembed = Unembedding.of(loaded.model)
     with torch.no_grad():
         out = loaded.model(input_ids=ids, output_hidden_states=True)
         head = loaded.model.get_output_embeddings()
@@ -66,8 +67,8 @@ def test_model_probability_equals_softmax_of_full_model_logits(loaded_models, ar
         target = resolve_target(loaded.tokenizer, " the").token_id
         ids = _inputs(loaded)
         positions = _probe_positions(*ids.shape)
-        acts = extract(loaded, ids.numpy(), positions, [loaded.num_layers], batch_size=2, progress=False)
-        unembed = Unembedding.of(loaded)
+        acts, _ = extract_positions(loaded, ids.numpy(), positions, [loaded.num_layers], batch_size=2, progress=False)
+        unembed = Unembedding.of(loaded.model)
         assert unembed.softcap == softcap
         got = unembed.target_probability(acts.values[0], target, batch=7)
         with torch.no_grad():
@@ -135,33 +136,35 @@ def test_threshold_is_the_best_point_of_sklearns_roc_curve(seed):
 
 def test_model_probability_runs_once_per_position_shared_by_two_sets(loaded_models, monkeypatch):
     """A (chunk, position) in both held-out sets gets the full softmax once, and the same score in both."""
-    from tokenprobe import baselines
-    from tokenprobe.labels import task_labels
-    from tokenprobe.positions import SUBSETS
+    from types import SimpleNamespace
+
+    from tokenprobe.analysis import baselines
+    from tokenprobe.data.labels import make_labeler
+    from tokenprobe.vocabulary import MODEL, SUBSETS, baseline_key
 
     loaded = loaded_models["llama"]
     target = resolve_target(loaded.tokenizer, " the").token_id
     ids = _inputs(loaded, n_chunks=4, length=16).numpy()
-    labels, valid = task_labels(ids, target, "next", has_bos=False)
+    labels, valid = make_labeler("next", [target]).labels(ids, has_bos=False)
     chunk = np.array([0, 0, 1, 1, 2, 2, 2, 3, 3])  # chunks 0-1 train; 2-3 held out, where rows repeat
     position = np.array([3, 4, 5, 6, 7, 8, 7, 9, 9])
     subset = np.array([SUBSETS.index(s) for s in ("train",) * 4 + ("eval", "eval", "eval_natural",
                                                                     "eval", "eval_natural")], np.int8)
     positions = PositionSet(chunk=chunk, position=position, label=labels[chunk, position], subset=subset)
     positions.label[[0, 4]] = True  # both classes in training and held out (labels of these rows only matter here)
-    acts = extract(loaded, ids, positions, [loaded.num_layers], batch_size=2, progress=False)
+    acts, _ = extract_positions(loaded, ids, positions, [loaded.num_layers], batch_size=2, progress=False)
     seen = []
-    original = baselines.Unembedding.target_probability
+    original = Unembedding.target_probability
 
     def spy(self, hidden, target_id, **kwargs):
         seen.append(len(hidden))
         return original(self, hidden, target_id, **kwargs)
 
-    monkeypatch.setattr(baselines.Unembedding, "target_probability", spy)
-    made = baselines.compute_baselines(loaded, ids, labels, valid, np.array([0, 1]), positions,
-                                       np.ones(len(chunk), bool), {loaded.num_layers: acts.values[0]},
-                                       [], target, seed=0)
-    scores = made.scorers[baselines.MODEL].scores
+    monkeypatch.setattr(Unembedding, "target_probability", spy)
+    prepared = SimpleNamespace(positions=positions, chunks=ids, labels=labels, valid=valid,
+                               split=SimpleNamespace(train=np.array([0, 1])), target=SimpleNamespace(token_id=target))
+    made = baselines.compute_baselines(loaded, prepared, acts, [], seed=0)
+    scores = made.scorers[baseline_key(MODEL)].scores
     # Held out: 5 rows, 3 distinct positions; threshold sample: 3 training rows (as many as the balanced set).
     assert made.info["model_threshold_positions"] == 3 and seen == [3 + 3] and made.info["model_positions"] == 6
     assert scores[4] != scores[5] and scores[4] == scores[6] and scores[7] == scores[8]

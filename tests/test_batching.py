@@ -44,8 +44,8 @@ def test_auto_picks_a_size_and_records_it(tiny_model_dirs, corpus_file, session_
 def test_cpu_probe_times_doubling_sizes_within_its_budget_or_falls_back(tiny_model_dirs, monkeypatch):
     import numpy as np
 
-    from tokenprobe import batching
-    from tokenprobe.models import load_model
+    from tokenprobe.extract import batch_size as batching
+    from tokenprobe.models.loading import load_model
 
     loaded = load_model(str(tiny_model_dirs["llama"]), "float32", "cpu")
     chunks = np.random.default_rng(0).integers(3, 300, (64, 32))

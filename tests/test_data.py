@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
-from tokenprobe.chunks import chunk_cache_path, load_chunks, make_chunks
-from tokenprobe.corpus import DEFAULT_CORPUS, load_corpus
+from tokenprobe.data.chunks import chunk_cache_path, load_chunks, make_chunks
+from tokenprobe.data.corpus import DEFAULT_CORPUS, load_corpus
 from tokenprobe.errors import TokenprobeError
-from tokenprobe.models import tokenizer_fingerprint
+from tokenprobe.models.identity import tokenizer_fingerprint
 
 
 def test_bundled_corpus():
@@ -71,7 +71,7 @@ def test_datasets_saved_folder_and_dataset_name_path(tmp_path):
 
     (tmp_path / "hubish" / "data").mkdir(parents=True)
     pq.write_table(pa.table({"text": ["gamma", "delta"]}), tmp_path / "hubish" / "data" / "train-0.parquet")
-    from tokenprobe.corpus import _read_hf_dataset
+    from tokenprobe.data.corpus import _read_hf_dataset
 
     assert _read_hf_dataset(str(tmp_path / "hubish"), None, "train", "text", saved=False) == ["gamma", "delta"]
     with pytest.raises(TokenprobeError, match="cannot load dataset"):

@@ -333,7 +333,7 @@ def test_probe_from_a_newer_tokenprobe(tmp_path, trained_run):
 def test_probe_hand_edited_metadata(tmp_path, trained_run):
     path = tmp_path / "edited.safetensors"
     _rewrite_metadata(trained_run / "probes" / "layer01.safetensors", path, format="someone-elses-probe")
-    assert "is not a tokenprobe linear probe (format 'someone-elses-probe')" in inspect_error(path)
+    assert "is not a tokenprobe probe (format 'someone-elses-probe')" in inspect_error(path)
 
 
 def _viz(run: Path, tmp_path: Path):

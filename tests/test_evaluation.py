@@ -1,4 +1,4 @@
-"""evaluate_run: the probes' scores (from one scratch buffer, gathered or not) are predict_proba's, bit for bit."""
+"""score_run: the probes' scores (from one scratch buffer, gathered or not) are predict_proba's, bit for bit."""
 
 from __future__ import annotations
 
@@ -6,9 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-import tokenprobe.evaluation as evaluation
-from tokenprobe.positions import SUBSETS, PositionSet
-from tokenprobe.probes import LinearProbe
+from types import SimpleNamespace
+
+import tokenprobe.analysis.scoring as evaluation
+from tokenprobe.data.positions import PositionSet
+from tokenprobe.extract.sinks import MemorySink
+from tokenprobe.probes.linear import LinearProbe
+from tokenprobe.vocabulary import SUBSETS, probe_key
 
 
 def _run(usable: np.ndarray, monkeypatch):
@@ -31,10 +35,12 @@ def _run(usable: np.ndarray, monkeypatch):
         return evaluate(scorers, *args, **kwargs)
 
     monkeypatch.setattr(evaluation, "evaluate", spy)
-    run = evaluation.evaluate_run(None, None, None, None, None, positions, usable, values, value_layers, layers,
-                                  probes, target_id=0, baselines=False, resamples=20)
+    source = MemorySink(value_layers, n, hidden, torch.float32)
+    source.values, source.keep = values, usable
+    run = evaluation.score_run(None, SimpleNamespace(positions=positions), source, dict(zip(layers, probes)),
+                               baselines=False, resamples=20)
     for layer, probe in zip(layers, probes):
-        scores = seen[evaluation.probe_name(layer)].scores
+        scores = seen[probe_key(layer)].scores
         rows = np.flatnonzero(usable)
         expected = probe.predict_proba(values[value_layers.index(layer)][torch.from_numpy(rows)]).double().numpy()
         assert np.array_equal(scores[rows], expected)

@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from tokenprobe.activations import extract
-from tokenprobe.models import find_final_norm, load_model
-from tokenprobe.positions import SUBSETS, PositionSet
+from tokenprobe.extract.extract import extract_positions
+from tokenprobe.models.loading import load_model
+from tokenprobe.models.surgery import find_final_norm
+from tokenprobe.data.positions import SUBSETS, PositionSet
 
 
 def _all_positions(n_chunks: int, length: int) -> PositionSet:
@@ -27,10 +28,10 @@ def test_every_layer_matches_output_hidden_states(loaded):
     torch.manual_seed(0)
     chunks = torch.randint(3, len(loaded.tokenizer), (5, 24)).numpy()
     n_layers = loaded.num_layers
-    acts = extract(loaded, chunks, _all_positions(5, 24), list(range(n_layers + 1)), batch_size=2, progress=False)
+    acts, stats = extract_positions(loaded, chunks, _all_positions(5, 24), list(range(n_layers + 1)), batch_size=2, progress=False)
     with torch.inference_mode():
         reference = loaded.model(input_ids=torch.from_numpy(chunks), output_hidden_states=True).hidden_states
-    assert acts.bad_batches == 0 and acts.keep.all()
+    assert stats.bad_batches == 0 and acts.keep.all()
     for layer in range(n_layers):
         mine = acts.values[layer].reshape(5, 24, -1)
         torch.testing.assert_close(mine, reference[layer].float(), rtol=1e-5, atol=1e-5)
@@ -45,7 +46,7 @@ def test_only_sampled_positions_are_kept_and_subset_of_layers(loaded):
     chunks = torch.randint(3, len(loaded.tokenizer), (4, 16)).numpy()
     positions = PositionSet(chunk=np.array([3, 0, 3, 1]), position=np.array([5, 1, 15, 7]),
                             label=np.zeros(4, bool), subset=np.zeros(4, np.int8))
-    acts = extract(loaded, chunks, positions, [1, 2], batch_size=3, progress=False)
+    acts, stats = extract_positions(loaded, chunks, positions, [1, 2], batch_size=3, progress=False)
     assert acts.values.shape == (2, 4, loaded.hidden_size)
     with torch.inference_mode():
         reference = loaded.model(input_ids=torch.from_numpy(chunks), output_hidden_states=True).hidden_states
@@ -55,8 +56,8 @@ def test_only_sampled_positions_are_kept_and_subset_of_layers(loaded):
             torch.testing.assert_close(acts.values[slot, i], expected, rtol=1e-5, atol=1e-5)
     # Each chunk runs only up to its last sampled position: one chunk per batch, 16 + 8 + 2 tokens, the
     # same hidden states as the full-length pass above (a causal model never looks ahead).
-    one = extract(loaded, chunks, positions, [1, 2], batch_size=1, progress=False)
-    assert one.tokens == 16 + 8 + 2 and acts.tokens == 16 * 3
+    one, one_stats = extract_positions(loaded, chunks, positions, [1, 2], batch_size=1, progress=False)
+    assert one_stats.tokens == 16 + 8 + 2 and stats.tokens == 16 * 3
     torch.testing.assert_close(one.values, acts.values, rtol=1e-5, atol=1e-5)
 
 
@@ -68,10 +69,10 @@ def test_forward_stops_after_deepest_layer_and_skips_unembedding(loaded):
     handles.append(head.register_forward_hook(lambda m, a, o: calls.append("lm_head")))
     try:
         chunks = torch.randint(3, len(loaded.tokenizer), (2, 8)).numpy()
-        extract(loaded, chunks, _all_positions(2, 8), [0, 1], batch_size=2, progress=False)
+        extract_positions(loaded, chunks, _all_positions(2, 8), [0, 1], batch_size=2, progress=False)
         assert calls == [0], "only the first block runs for layers 0 and 1"
         calls.clear()
-        extract(loaded, chunks, _all_positions(2, 8), [loaded.num_layers], batch_size=2, progress=False)
+        extract_positions(loaded, chunks, _all_positions(2, 8), [loaded.num_layers], batch_size=2, progress=False)
         assert calls == list(range(loaded.num_layers)), "the unembedding never runs"
     finally:
         for h in handles:
@@ -90,10 +91,10 @@ def test_nan_batches_are_skipped_and_counted(loaded):
 
     handle = loaded.layer_stack[0].register_forward_hook(poison)
     try:
-        acts = extract(loaded, chunks, _all_positions(6, 8), [1, 2], batch_size=2, progress=False)
+        acts, stats = extract_positions(loaded, chunks, _all_positions(6, 8), [1, 2], batch_size=2, progress=False)
     finally:
         handle.remove()
-    assert acts.batches == 3 and acts.bad_batches == 1
+    assert stats.batches == 3 and stats.bad_batches == 1
     assert acts.keep.sum() == 4 * 8 and not acts.keep[16:32].any()
     assert torch.isfinite(acts.values[:, acts.keep]).all()
 
@@ -103,7 +104,7 @@ def test_bfloat16_activations_are_kept_exactly_in_bfloat16(tiny_model_dir, cache
     loaded = load_model(str(tiny_model_dir), "bfloat16", "cpu", cache_dir)
     torch.manual_seed(1)
     chunks = torch.randint(3, len(loaded.tokenizer), (3, 16)).numpy()
-    acts = extract(loaded, chunks, _all_positions(3, 16), [0, 1, 2], batch_size=2, progress=False)
+    acts, stats = extract_positions(loaded, chunks, _all_positions(3, 16), [0, 1, 2], batch_size=2, progress=False)
     assert acts.values.dtype == torch.bfloat16
     with torch.inference_mode():
         reference = loaded.model(input_ids=torch.from_numpy(chunks), output_hidden_states=True).hidden_states
@@ -113,29 +114,31 @@ def test_bfloat16_activations_are_kept_exactly_in_bfloat16(tiny_model_dir, cache
 
 def test_bfloat16_checkpoint_round_trip(tiny_model_dir, cache_dir, tmp_path):
     """Shards keep bfloat16 (checksummed by their bytes); a resumed extraction equals a fresh one exactly."""
-    from tokenprobe.resume import ExtractionCheckpoint
+    from tokenprobe.extract.sinks import CheckpointSink
 
     loaded = load_model(str(tiny_model_dir), "bfloat16", "cpu", cache_dir)
     torch.manual_seed(2)
     chunks = torch.randint(3, len(loaded.tokenizer), (4, 12)).numpy()
     positions = _all_positions(4, 12)
-    checkpoint = ExtractionCheckpoint(tmp_path / "ckpt")
-    first = extract(loaded, chunks, positions, [1, 2], batch_size=2, progress=False, checkpoint=checkpoint)
+    checkpoint = CheckpointSink(tmp_path / "ckpt")
+    first, _ = extract_positions(loaded, chunks, positions, [1, 2], batch_size=2, progress=False, checkpoint=checkpoint)
     assert len(list((tmp_path / "ckpt").rglob("batch*.safetensors"))) == 2
-    again = extract(loaded, chunks, positions, [1, 2], batch_size=2, progress=False, checkpoint=checkpoint)
-    assert again.resumed_batches == 2 and again.values.dtype == torch.bfloat16
+    again, again_stats = extract_positions(loaded, chunks, positions, [1, 2], batch_size=2, progress=False,
+                                           checkpoint=checkpoint)
+    assert again_stats.resumed_batches == 2 and again.values.dtype == torch.bfloat16
     assert torch.equal(first.values, again.values)
     shard = next((tmp_path / "ckpt").rglob("batch000000.safetensors"))
     data = bytearray(shard.read_bytes())
     data[-3] ^= 0xFF  # flip a byte inside a bfloat16 tensor: the checksum must catch it
     shard.write_bytes(bytes(data))
-    third = extract(loaded, chunks, positions, [1, 2], batch_size=2, progress=False, checkpoint=checkpoint)
-    assert third.resumed_batches == 1 and torch.equal(first.values, third.values)
+    third, third_stats = extract_positions(loaded, chunks, positions, [1, 2], batch_size=2, progress=False,
+                                           checkpoint=checkpoint)
+    assert third_stats.resumed_batches == 1 and torch.equal(first.values, third.values)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_nonfinite_check_finds_any_nan_or_inf_and_nothing_else(dtype):
-    from tokenprobe.activations import _all_finite
+    from tokenprobe.extract.capture import _all_finite
 
     big = torch.finfo(dtype).max  # the largest finite values (float16's massive activations come close)
     hidden = torch.full((4, 32, 16), big, dtype=dtype)

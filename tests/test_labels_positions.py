@@ -6,25 +6,25 @@ import numpy as np
 import pytest
 
 from tokenprobe.errors import TokenprobeError
-from tokenprobe.labels import resolve_target, task_labels
-from tokenprobe.positions import sample_positions, split_chunks
+from tokenprobe.data.labels import make_labeler, resolve_target
+from tokenprobe.data.positions import sample_positions, split_chunks
 
 T = 7  # target id in these hand-made chunks
 
 
 def test_next_task_labels_look_one_ahead():
     chunks = np.array([[2, 5, T, 6, T, 9]])
-    labels, valid = task_labels(chunks, T, "next", has_bos=True)
+    labels, valid = make_labeler("next", [T]).labels(chunks, has_bos=True)
     assert labels.tolist() == [[False, True, False, True, False, False]]
     assert valid.tolist() == [[False, True, True, True, True, False]]  # BOS and the last position unused
 
 
 def test_current_task_labels_are_the_token_itself():
     chunks = np.array([[2, 5, T, 6, T, 9]])
-    labels, valid = task_labels(chunks, T, "current", has_bos=True)
+    labels, valid = make_labeler("current", [T]).labels(chunks, has_bos=True)
     assert labels.tolist() == [[False, False, True, False, True, False]]
     assert valid.tolist() == [[False, True, True, True, True, True]]
-    _, valid = task_labels(chunks, T, "current", has_bos=False)
+    _, valid = make_labeler("current", [T]).labels(chunks, has_bos=False)
     assert valid.all()
 
 
@@ -63,7 +63,7 @@ def test_split_is_by_chunk_and_deterministic():
 
 def test_balanced_training_and_natural_eval():
     chunks = _random_chunks()
-    labels, valid = task_labels(chunks, T, "next", has_bos=True)
+    labels, valid = make_labeler("next", [T]).labels(chunks, has_bos=True)
     split = split_chunks(len(chunks), 0.25, seed=0)
     ps = sample_positions(labels, valid, split, train_positions=400, eval_positions=300, balance="positions", seed=0)
     train, ev, nat = ps.mask("train"), ps.mask("eval"), ps.mask("eval_natural")
@@ -84,18 +84,18 @@ def test_balanced_training_and_natural_eval():
 
 def test_unbalanced_training_keeps_natural_ratio():
     chunks = _random_chunks()
-    labels, valid = task_labels(chunks, T, "next", has_bos=True)
+    labels, valid = make_labeler("next", [T]).labels(chunks, has_bos=True)
     ps = sample_positions(labels, valid, split_chunks(len(chunks), 0.25, 0), 400, 300, "none", 0)
     assert ps.label[ps.mask("train")].mean() < 0.2
 
 
 def test_target_absent_or_too_rare_is_an_error():
     chunks = _random_chunks(rate=0.0)
-    labels, valid = task_labels(chunks, T, "next", has_bos=True)
+    labels, valid = make_labeler("next", [T]).labels(chunks, has_bos=True)
     with pytest.raises(TokenprobeError, match="never occurs"):
         sample_positions(labels, valid, split_chunks(len(chunks), 0.25, 0), 100, 100, "positions", 0)
     chunks[5, 10] = T
-    labels, valid = task_labels(chunks, T, "next", has_bos=True)
+    labels, valid = make_labeler("next", [T]).labels(chunks, has_bos=True)
     with pytest.raises(TokenprobeError, match="too rare"):
         sample_positions(labels, valid, split_chunks(len(chunks), 0.25, 0), 100, 100, "positions", 0)
 
@@ -103,7 +103,7 @@ def test_target_absent_or_too_rare_is_an_error():
 @pytest.mark.parametrize("rate,eval_positions", [(0.08, 600), (0.5, 40)])
 def test_balanced_held_out_negatives_come_from_the_natural_sample(rate, eval_positions):
     chunks = _random_chunks(n=400, rate=rate)
-    labels, valid = task_labels(chunks, T, "next", has_bos=True)
+    labels, valid = make_labeler("next", [T]).labels(chunks, has_bos=True)
     split = split_chunks(len(chunks), 0.25, seed=0)
     ps = sample_positions(labels, valid, split, 400, eval_positions, "positions", seed=0)
     ev, nat = ps.mask("eval"), ps.mask("eval_natural")
@@ -131,7 +131,7 @@ def test_shared_negatives_are_a_uniform_sample_of_the_chunk():
     labels[[5, 20, 21, 40, 41, 42, 60]] = True
     valid = np.ones(64, bool)
     valid[0] = False
-    from tokenprobe.positions import _shared_negatives
+    from tokenprobe.data.positions import _shared_negatives
 
     counts = np.zeros(64)
     draws = 4000

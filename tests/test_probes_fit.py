@@ -8,8 +8,9 @@ import math
 import pytest
 import torch
 
-from tokenprobe import probes as probes_module
-from tokenprobe.probes import LinearProbe, _ProbeFitter, fit_linear_probes
+from tokenprobe.probes import lbfgs, selection
+from tokenprobe.probes.lbfgs import ProbeFitter
+from tokenprobe.probes.linear import LinearProbe, fit_linear_probes
 
 
 def _layers(n=3000, d=48, layers=4, seed=0):
@@ -108,14 +109,14 @@ def test_warm_start_gives_the_cold_start_solution():
 
 
 def test_warm_start_saves_iterations_on_drifting_layers(monkeypatch):
-    fitters: list[_ProbeFitter] = []
-    init = _ProbeFitter.__init__
+    fitters: list[ProbeFitter] = []
+    init = ProbeFitter.__init__
 
     def record(self, *args, **kwargs):
         init(self, *args, **kwargs)
         fitters.append(self)
 
-    monkeypatch.setattr(_ProbeFitter, "__init__", record)
+    monkeypatch.setattr(ProbeFitter, "__init__", record)
     x, y = _layers(layers=6)
     fit_linear_probes(x, y, progress=False)
     fit_linear_probes(x, y, progress=False, warm_start=False)
@@ -159,9 +160,9 @@ def test_bfloat16_inputs_train_like_their_float32_values():
 @pytest.mark.parametrize("native", [True, False])
 def test_both_preconditioners_reach_the_optimum(monkeypatch, native):
     """bfloat16 Gram matrix (CPUs with native bfloat16) or a float32 one from a subsample of rows."""
-    monkeypatch.setattr(probes_module, "_native_bfloat16", lambda device: native)
-    monkeypatch.setattr(_ProbeFitter, "GRAM_ROWS_PER_FEATURE_BF16", 20)  # 960 of 3000 rows: every 4th
-    monkeypatch.setattr(_ProbeFitter, "GRAM_ROWS_PER_FEATURE_FP32", 20)
+    monkeypatch.setattr(lbfgs, "native_bfloat16_matmul", lambda device: native)
+    monkeypatch.setattr(ProbeFitter, "GRAM_ROWS_PER_FEATURE_BF16", 20)  # 960 of 3000 rows: every 4th
+    monkeypatch.setattr(ProbeFitter, "GRAM_ROWS_PER_FEATURE_FP32", 20)
     x, y = _layers(layers=2)
     for layer, probe in enumerate(fit_linear_probes(x, y, progress=False)):
         assert _probe_loss(probe, x[layer], y) == pytest.approx(_optimum(x[layer], y), rel=2e-5)
@@ -224,9 +225,9 @@ def test_auto_l2_is_strong_with_little_data_weak_with_much_and_beats_a_weak_fixe
     assert _balanced_accuracy(small, test_x, test_y) > _balanced_accuracy(weak, test_x, test_y) + 0.01
     # The path went from the strongest penalty down and stopped after the best, whose loss is the lowest.
     path = small.metadata["l2_path"]
-    assert [p for p, _ in path] == list(probes_module.L2_PATH[: len(path)])
+    assert [p for p, _ in path] == list(selection.L2_PATH[: len(path)])
     assert min(path, key=lambda step: step[1])[0] == small.metadata["l2"]
-    assert len(path) < len(probes_module.L2_PATH)
+    assert len(path) < len(selection.L2_PATH)
     assert "80 training positions set aside" in small.metadata["l2_method"]  # a fifth of 40 groups of 10
     # The final probe is the refit on every row at the chosen penalty: the optimum of that objective.
     penalty = small.metadata["l2"]
@@ -237,19 +238,19 @@ def test_auto_l2_is_strong_with_little_data_weak_with_much_and_beats_a_weak_fixe
 def test_auto_l2_sets_whole_groups_aside_deterministically():
     y = torch.tensor([0, 1] * 50, dtype=torch.float32)
     groups = torch.arange(100) // 5  # 20 groups
-    fit, held = probes_module._validation_split(groups, y, seed=3)
+    fit, held = selection.validation_split(groups, y, seed=3)
     assert len(set(groups[held].tolist())) == 4  # a fifth of the groups
     assert not set(groups[held].tolist()) & set(groups[fit].tolist())
     assert sorted(torch.cat([fit, held]).tolist()) == list(range(100))
-    again = probes_module._validation_split(groups, y, seed=3)
+    again = selection.validation_split(groups, y, seed=3)
     assert torch.equal(again[1], held)
-    assert not torch.equal(probes_module._validation_split(groups, y, seed=4)[1], held)
+    assert not torch.equal(selection.validation_split(groups, y, seed=4)[1], held)
 
 
 def test_auto_l2_falls_back_when_the_rows_cannot_be_split():
     x, y = _layers(layers=1, n=200)
     one_group = fit_linear_probes(x, y, l2="auto", groups=torch.zeros(200, dtype=torch.long), progress=False)[0]
-    assert one_group.metadata["l2"] == probes_module.L2_FALLBACK
+    assert one_group.metadata["l2"] == selection.L2_FALLBACK
     assert one_group.metadata["l2_method"].startswith("fallback")
     with pytest.raises(ValueError, match="l2 must be"):
         fit_linear_probes(x, y, l2=-1.0, progress=False)

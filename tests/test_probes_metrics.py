@@ -12,8 +12,9 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import balanced_accuracy_score, roc_auc_score
 
 from tokenprobe.errors import TokenprobeError
-from tokenprobe.probes import LinearProbe, fit_linear_probes, load_probe, pos_weight_for, read_probe_metadata
-from tokenprobe.uncertainty import binary_metrics
+from tokenprobe.probes.base import ProbeMeta, load_probe, read_header
+from tokenprobe.probes.linear import LinearProbe, fit_linear_probes, pos_weight_for
+from tokenprobe.analysis.bootstrap import binary_metrics
 
 
 def _problem(n=2000, d=16, seed=0):
@@ -84,9 +85,10 @@ def test_probe_accepts_bfloat16_inputs_and_returns_float32():
 def test_probe_file_round_trip_with_metadata(tmp_path):
     x, y = _problem()
     probe = fit_linear_probes(x[None], y, progress=False)[0]
-    probe.metadata = {"layer": 5, "task": "next", "target": " the", "target_ids": [506], "model": "m",
-                      "weights_hash": "abc", "tokenizer_hash": "def", "context_length": 256,
-                      "metrics": {"eval": {"auroc": float("nan")}}}
+    probe.meta = ProbeMeta.from_dict({"layer": 5, "task": "next", "target": " the", "target_ids": [506], "model": "m",
+                                      "weights_hash": "abc", "tokenizer_hash": "def", "context_length": 256,
+                                      "dtype": "float32", "run_name": "r", "tokenprobe_version": "0",
+                                      "metrics": {"eval": {"auroc": float("nan")}}})
     path = tmp_path / "p.safetensors"
     probe.save(path)
     loaded = load_probe(path)
@@ -103,18 +105,21 @@ def test_bad_probe_files_are_refused(tmp_path):
 
     save_file({"w": torch.zeros(2)}, str(not_probe))
     with pytest.raises(TokenprobeError, match="not a tokenprobe probe"):
-        read_probe_metadata(not_probe)
+        read_header(not_probe)
     garbage = tmp_path / "g.safetensors"
     garbage.write_bytes(b"\x00" * 50)
     with pytest.raises(TokenprobeError, match="not a readable probe"):
-        read_probe_metadata(garbage)
+        read_header(garbage)
     with pytest.raises(TokenprobeError, match="not found"):
-        read_probe_metadata(tmp_path / "missing.safetensors")
+        read_header(tmp_path / "missing.safetensors")
 
 
 def test_probe_refuses_another_model():
     probe = LinearProbe(torch.zeros(4), torch.zeros(()), torch.zeros(4), torch.ones(4),
-                        metadata={"model": "a", "weights_hash": "w1", "tokenizer_hash": "t1", "hidden_size": 4})
+                        meta=ProbeMeta.from_dict({"model": "a", "weights_hash": "w1", "tokenizer_hash": "t1",
+                                                  "hidden_size": 4, "layer": 0, "task": "next", "target": " the",
+                                                  "target_ids": [1], "context_length": 8, "dtype": "float32",
+                                                  "run_name": "r", "tokenprobe_version": "0"}))
 
     class Fake:
         source, weights_hash, tokenizer_hash, hidden_size = "b", "w1", "t2", 4

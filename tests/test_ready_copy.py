@@ -14,7 +14,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from tokenprobe.models import READY_MARKER, load_ready_copy, save_ready_copy, tokenizer_fingerprint
+from tokenprobe.models.identity import tokenizer_fingerprint
+from tokenprobe.models.ready_copy import READY_MARKER, load_ready_copy, save_ready_copy
 from tiny_models import synthetic_text
 
 
@@ -74,23 +75,25 @@ def test_stored_fingerprint_is_used_only_while_tokenizer_json_is_unchanged(ready
 
 def test_a_cached_run_never_loads_the_tokenizer(ready, corpus_file, tmp_path, monkeypatch):
     """Chunks, target and fingerprint all come from the cache: the tokenizer (1.3 s for Gemma 3) stays unloaded."""
-    import tokenprobe.models as models
-    from tokenprobe.chunks import load_chunks
-    from tokenprobe.corpus import load_corpus
-    from tokenprobe.labels import cached_target
+    from tokenprobe.device import Placement
+    from tokenprobe.models import ready_copy
+    from tokenprobe.models.loading import LoadedModel
+    from tokenprobe.data.chunks import load_chunks
+    from tokenprobe.data.corpus import load_corpus
+    from tokenprobe.data.labels import cached_target
 
     folder, _ = ready
     loads = []
-    real = models._ready_tokenizer
-    monkeypatch.setattr(models, "_ready_tokenizer", lambda path: loads.append(path) or real(path))
+    real = ready_copy._ready_tokenizer
+    monkeypatch.setattr(ready_copy, "_ready_tokenizer", lambda path: loads.append(path) or real(path))
     cache = tmp_path / "cache"
     corpus = load_corpus(str(corpus_file))
 
     def run():
         model, load_tokenizer, digest = load_ready_copy(folder, torch.float32)
-        loaded = models.LoadedModel(model=model, load_tokenizer=load_tokenizer, name="tiny", source=str(folder),
-                                    weights_hash="0", tokenizer_hash=digest, dtype=torch.float32,
-                                    device=torch.device("cpu"))
+        loaded = LoadedModel(model=model, load_tokenizer=load_tokenizer, name="tiny", source=str(folder),
+                             weights_hash="0", tokenizer_hash=digest, dtype=torch.float32,
+                             placement=Placement(torch.device("cpu"), torch.device("cpu")))
         target = cached_target(loaded, " the", None, cache)
         chunks = load_chunks(corpus, lambda: loaded.tokenizer, loaded.tokenizer_hash, 32, cache, progress=False)
         return target, chunks

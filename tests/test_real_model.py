@@ -26,8 +26,8 @@ def gemma():
 
 
 def test_default_model_layers_match_output_hidden_states(gemma):
-    from tokenprobe.activations import extract
-    from tokenprobe.positions import PositionSet
+    from tokenprobe.extract.extract import extract_positions
+    from tokenprobe.data.positions import PositionSet
 
     assert gemma.num_layers == 18 and gemma.hidden_size == 640
     assert gemma.tokenizer(" the", add_special_tokens=False)["input_ids"] == [506]
@@ -35,7 +35,7 @@ def test_default_model_layers_match_output_hidden_states(gemma):
     n = ids.shape[1]
     positions = PositionSet(chunk=np.zeros(n, np.int64), position=np.arange(n), label=np.zeros(n, bool),
                             subset=np.zeros(n, np.int8))
-    acts = extract(gemma, ids.numpy(), positions, [0, 5, 17], batch_size=1, progress=False)
+    acts, _ = extract_positions(gemma, ids.numpy(), positions, [0, 5, 17], batch_size=1, progress=False)
     with torch.inference_mode():
         reference = gemma.model(input_ids=ids, output_hidden_states=True).hidden_states
     for slot, layer in enumerate([0, 5, 17]):
@@ -75,12 +75,13 @@ def test_default_model_fast_tokenizer_equals_autotokenizer(gemma):
     """The ready copy's tokenizer (from tokenizer.json alone) tokenizes the corpus as AutoTokenizer does."""
     from transformers import AutoTokenizer
 
-    from tokenprobe.corpus import load_corpus
-    from tokenprobe.models import _gguf_ready_copy, default_gguf_path, tokenizer_fingerprint
+    from tokenprobe.data.corpus import load_corpus
+    from tokenprobe.models.identity import tokenizer_fingerprint
+    from tokenprobe.models.ready_copy import default_gguf_path, gguf_ready_copy
     from tokenprobe.files import default_cache_dir, file_sha256
 
     gguf = default_gguf_path()
-    ready = _gguf_ready_copy(gguf, default_cache_dir(), file_sha256(gguf, default_cache_dir()))
+    ready = gguf_ready_copy(gguf, default_cache_dir(), file_sha256(gguf, default_cache_dir()))
     reference = AutoTokenizer.from_pretrained(ready)
     texts = load_corpus("wiki-summaries").documents[:300] + [" the", "The", "\n\n  x", "😀"]
     assert gemma.tokenizer(texts)["input_ids"] == reference(texts)["input_ids"]

@@ -10,7 +10,7 @@ import pytest
 
 from tokenprobe import RunConfig, train
 from tokenprobe.cli import main
-from tokenprobe.report import render_markdown
+from tokenprobe.report.markdown import render_markdown
 
 
 def _strict_json(text: str):

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from tokenprobe.chunks import _load_cached
+from tokenprobe.data.chunks import _load_cached
 
 from cli_helpers import FAST, assert_nothing_written, error_line, run_cli
 from test_resume import shards, start_and_wait_for_batches

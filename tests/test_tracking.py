@@ -8,7 +8,7 @@ import pytest
 
 from tokenprobe import RunConfig, train
 from tokenprobe.config import run_name, sweep_name
-from tokenprobe.tracking import choose_mode
+from tokenprobe.report.tracking import choose_mode
 
 wandb_pb = pytest.importorskip("wandb.proto.wandb_internal_pb2")
 

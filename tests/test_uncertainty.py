@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from tokenprobe.uncertainty import Scorer, chunk_counts, evaluate, interval, pair_matrix, resampled_metrics
+from tokenprobe.analysis.bootstrap import Scorer, chunk_counts, evaluate, interval, pair_matrix, resampled_metrics
 
 
 def test_resampled_metrics_match_sklearn_with_chunk_weights_and_ties():

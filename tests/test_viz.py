@@ -15,9 +15,10 @@ import torch
 from tokenprobe import TokenprobeError, load_model, load_probe
 from tokenprobe.cli import main
 from tokenprobe.config import RunConfig
-from tokenprobe.positions import split_chunks
-from tokenprobe.probes import LinearProbe
-from tokenprobe.viz import embed_json, render_html, tokenize_text, visualize
+from tokenprobe.data.positions import split_chunks
+from tokenprobe.probes.base import ProbeMeta
+from tokenprobe.probes.linear import LinearProbe
+from tokenprobe.viz.explore import embed_json, render_html, tokenize_text, visualize
 from viz_fixtures import TRICKY_TEXT, train_tiny_run
 
 CONTEXT = 32
@@ -96,14 +97,14 @@ def test_refuses_a_probe_from_another_model(gpt2_run, tiny_model_dirs, session_c
         visualize([gpt2_run], text="The cat.", loaded=llama, cache_dir=session_cache, write=False)
 
 
-@pytest.mark.parametrize("key, value", [("model_source", "/elsewhere/llama"), ("context_length", 64),
-                                        ("task", "current")])
-def test_refuses_probes_of_different_runs(gpt2_run, session_cache, tmp_path, key, value):
+@pytest.mark.parametrize("key, value, field", [("model_source", "/elsewhere/llama", "model"),
+                                               ("context_length", 64, "context_length"), ("task", "current", "task")])
+def test_refuses_probes_of_different_runs(gpt2_run, session_cache, tmp_path, key, value, field):
     other = load_probe(gpt2_run / "probes" / "layer02.safetensors")
-    other.metadata[key] = value
+    other.meta = ProbeMeta.from_dict({**other.metadata, key: value})
     other.save(tmp_path / "other.safetensors")
     files = [gpt2_run / "probes" / "layer01.safetensors", tmp_path / "other.safetensors"]
-    with pytest.raises(TokenprobeError, match=f"probes disagree on {key}"):
+    with pytest.raises(TokenprobeError, match=f"probes disagree on {field}"):
         visualize(files, text="The cat.", cache_dir=session_cache, write=False)
 
 
@@ -116,7 +117,7 @@ def test_refuses_two_probes_for_one_layer(gpt2_run, gpt2, session_cache):
 def test_nan_probabilities_become_null(gpt2_run, gpt2, session_cache, tmp_path):
     probe = load_probe(gpt2_run / "probes" / "layer01.safetensors")
     LinearProbe(weight=torch.full_like(probe.weight, float("nan")), bias=probe.bias, mean=probe.mean,
-                scale=probe.scale, metadata=probe.metadata).save(tmp_path / "nan.safetensors")
+                scale=probe.scale, meta=probe.meta).save(tmp_path / "nan.safetensors")
     result = visualize([tmp_path / "nan.safetensors"], text="The cat sat.", loaded=gpt2, cache_dir=session_cache,
                        out=tmp_path / "page.html")
     assert np.isnan(result.probabilities).all()
@@ -146,8 +147,8 @@ def test_page_is_self_contained(gpt2_run, gpt2, session_cache, tmp_path):
 
 
 def test_corpus_sample_takes_held_out_chunks_of_the_run(gpt2_run, gpt2, session_cache):
-    from tokenprobe.chunks import load_chunks
-    from tokenprobe.corpus import load_corpus
+    from tokenprobe.data.chunks import load_chunks
+    from tokenprobe.data.corpus import load_corpus
 
     result = visualize([gpt2_run], corpus_sample=3, loaded=gpt2, cache_dir=session_cache, write=False)
     run = json.loads((gpt2_run / "run.json").read_text())

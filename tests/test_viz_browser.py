@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from tokenprobe import load_model, load_probe
-from tokenprobe.probes import LinearProbe
-from tokenprobe.viz import render_html, visualize
+from tokenprobe.probes.linear import LinearProbe
+from tokenprobe.viz.explore import render_html, visualize
 from viz_fixtures import TRICKY_TEXT, train_tiny_run
 
 CHROMIUM = "/usr/bin/chromium"
@@ -184,7 +184,7 @@ def test_nan_renders_as_na(run, loaded, session_cache, opened, tmp_path):
     good = run / "probes" / "layer01.safetensors"
     probe = load_probe(run / "probes" / "layer02.safetensors")
     LinearProbe(weight=torch.full_like(probe.weight, float("nan")), bias=probe.bias, mean=probe.mean,
-                scale=probe.scale, metadata=probe.metadata).save(tmp_path / "layer02-nan.safetensors")
+                scale=probe.scale, meta=probe.meta).save(tmp_path / "layer02-nan.safetensors")
     result = visualize([good, tmp_path / "layer02-nan.safetensors"], text="The cat sat on the mat.", loaded=loaded,
                        cache_dir=session_cache, out=tmp_path / "nan.html")
     assert result.layers == [1, 2] and np.isnan(result.probabilities[1]).all()

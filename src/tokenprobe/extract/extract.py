@@ -26,7 +26,8 @@ from tokenprobe.device import dtype_name, is_out_of_memory, release_memory
 from tokenprobe.errors import TokenprobeError
 from tokenprobe.extract.capture import LayerCapture
 from tokenprobe.extract.plan import RunPlan
-from tokenprobe.extract.sinks import ActivationSink, CheckpointSink
+from tokenprobe.data.positions import PositionSet
+from tokenprobe.extract.sinks import ActivationSink, CheckpointSink, MemorySink
 from tokenprobe.models.loading import LoadedModel
 
 
@@ -150,3 +151,21 @@ def extract(
             f"(from layer {first_bad} on) in {dtype_name(loaded.dtype)}: {dtype_advice(loaded.dtype)}"
         )
     return stats
+
+
+def extract_positions(
+    loaded: LoadedModel,
+    chunks: np.ndarray,
+    positions: PositionSet,
+    layers: list[int],
+    batch_size: int,
+    checkpoint: CheckpointSink | None = None,
+    progress: bool = True,
+) -> tuple[MemorySink, ExtractionStats]:
+    """`extract` of a PositionSet into memory (and into `checkpoint`, read back where a run was
+    interrupted): the activations of every layer at every position, and what the pass did."""
+    memory = MemorySink(layers, len(positions), loaded.hidden_size, loaded.dtype)
+    sinks: list[ActivationSink] = [memory] + ([checkpoint] if checkpoint is not None else [])
+    stats = extract(loaded, chunks, RunPlan.of(positions), positions.position, layers, batch_size, sinks,
+                    resume=checkpoint, progress=progress)
+    return memory, stats

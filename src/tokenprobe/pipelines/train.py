@@ -19,8 +19,7 @@ from tokenprobe.config import RunConfig, parse_layers, run_name, sweep_name
 from tokenprobe.data.prepare import Prepared, prepare
 from tokenprobe.device import dtype_name
 from tokenprobe.errors import TokenprobeError
-from tokenprobe.extract.extract import ExtractionStats, extract
-from tokenprobe.extract.plan import RunPlan
+from tokenprobe.extract.extract import ExtractionStats, extract_positions
 from tokenprobe.extract.sinks import CheckpointSink, MemorySink
 from tokenprobe.files import default_cache_dir, write_json
 from tokenprobe.models.loading import LoadedModel, load_model
@@ -60,12 +59,11 @@ def say(message: str, quiet: bool = False) -> None:
 @dataclass
 class ExtractionPlan:
     """What the forward pass computes: the layers (probed, plus the last one the baselines need), the
-    batches, and the checkpoint finished batches go to."""
+    batch size, and the checkpoint finished batches go to."""
 
     probed: list[int]
     layers: list[int]
     baselines: bool
-    plan: RunPlan
     batch_size: int
     checkpoint: CheckpointSink
 
@@ -191,18 +189,16 @@ def plan_stage(config: RunConfig, loaded: LoadedModel, prepared: Prepared, layer
     if checkpoint.completed(batch_size):
         say(f"Resuming: {checkpoint.completed(batch_size)} batches were already extracted by an "
             f"interrupted run ({checkpoint.folder})", quiet)
-    return ExtractionPlan(probed=layers, layers=extract_layers, baselines=baselines, plan=RunPlan.of(positions),
-                          batch_size=batch_size, checkpoint=checkpoint)
+    return ExtractionPlan(probed=layers, layers=extract_layers, baselines=baselines, batch_size=batch_size,
+                          checkpoint=checkpoint)
 
 
 def extract_stage(loaded: LoadedModel, prepared: Prepared, planned: ExtractionPlan,
                   progress: bool) -> tuple[MemorySink, ExtractionStats]:
     """One forward pass per batch into memory and the checkpoint (read back where a run was interrupted)."""
-    memory = MemorySink(planned.layers, len(prepared.positions), loaded.hidden_size, loaded.dtype)
     try:
-        stats = extract(loaded, prepared.chunks, planned.plan, prepared.positions.position, planned.layers,
-                        planned.batch_size, sinks=[memory, planned.checkpoint], resume=planned.checkpoint,
-                        progress=progress)
+        memory, stats = extract_positions(loaded, prepared.chunks, prepared.positions, planned.layers,
+                                          planned.batch_size, planned.checkpoint, progress)
     except TokenprobeError:
         planned.checkpoint.remove()  # a rerun would only meet the same error
         raise

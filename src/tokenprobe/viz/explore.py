@@ -4,7 +4,8 @@ Everything about the probes (model, layer, task, target, context length, dtype) 
 files; the user names no layer and no model. The model named there is loaded once, checked against
 every probe (tokenizer and weight hashes, hidden size), and run once over the text, chunked to the
 probes' context length with BOS at the start of each chunk exactly as training chunked the corpus.
-That single pass feeds all probes, so the page carries the probabilities of every layer.
+That single pass (training's own extraction) feeds all probes, so the page carries the
+probabilities of every layer.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ from tokenprobe.config import RunConfig
 from tokenprobe.data.labels import make_labeler
 from tokenprobe.data.prepare import prepare_chunks
 from tokenprobe.errors import TokenprobeError
-from tokenprobe.extract.capture import LayerCapture
+from tokenprobe.data.positions import PositionSet
+from tokenprobe.extract.extract import extract_positions
 from tokenprobe.files import atomic_write_bytes, default_cache_dir, json_safe
 from tokenprobe.models.loading import LoadedModel, load_model
 from tokenprobe.probes.base import Probe, ProbeMeta, load_probe
@@ -183,32 +185,27 @@ def layer_probabilities(
 ) -> list[np.ndarray]:
     """For each chunk, a (n_layers, chunk_length) float32 array of every probe's probability.
 
-    One forward pass per batch of equal-length chunks, stopped after the deepest probe's layer.
-    Positions whose hidden state is not finite get NaN.
+    Every position of every chunk goes through training's own extraction (one forward pass per batch,
+    stopped after the deepest probe's layer). Chunks are padded to one width; a causal model never
+    looks ahead, and each is run only to its own end but for the batch's longest. Positions of a
+    batch whose hidden states were not finite get NaN.
     """
-    layers = [p.layer for p in probes]
-    out: list[np.ndarray | None] = [None] * len(chunks)
-    by_length: dict[int, list[int]] = {}
+    lengths = np.asarray([len(chunk) for chunk in chunks])
+    padded = np.zeros((len(chunks), int(lengths.max())), dtype=np.int64)
     for i, chunk in enumerate(chunks):
-        by_length.setdefault(len(chunk), []).append(i)
-    with LayerCapture(loaded, layers) as capture, torch.inference_mode():
-        for length, members in by_length.items():
-            for b in range(0, len(members), batch_size):
-                batch = members[b : b + batch_size]
-                device = loaded.placement.input
-                input_ids = torch.from_numpy(np.stack([chunks[i] for i in batch])).to(device)
-                rows = torch.arange(len(batch), device=device).repeat_interleave(length)
-                cols = torch.arange(length, device=device).repeat(len(batch))
-                captured, _ = capture.run(loaded.model, input_ids, rows, cols)
-                probs = np.empty((len(layers), len(batch) * length), dtype=np.float32)
-                for j, probe in enumerate(probes):
-                    hidden = captured[probe.layer].cpu()
-                    p = probe.predict_proba(hidden)
-                    p[~torch.isfinite(hidden).all(dim=-1)] = float("nan")
-                    probs[j] = p.numpy()
-                for k, i in enumerate(batch):
-                    out[i] = probs[:, k * length : (k + 1) * length]
-    return out  # type: ignore[return-value]
+        padded[i, : len(chunk)] = chunk
+    n = int(lengths.sum())
+    positions = PositionSet(chunk=np.repeat(np.arange(len(chunks)), lengths),
+                            position=np.concatenate([np.arange(length) for length in lengths]),
+                            label=np.zeros(n, dtype=bool), subset=np.zeros(n, dtype=np.int8))
+    acts, _ = extract_positions(loaded, padded, positions, [p.layer for p in probes], batch_size, progress=False)
+    probs = np.empty((len(probes), n), dtype=np.float32)
+    with torch.inference_mode():
+        for j, probe in enumerate(probes):
+            probs[j] = probe.predict_proba(acts.layer(probe.layer)).numpy()
+    probs[:, ~acts.keep] = np.nan
+    starts = np.concatenate([[0], np.cumsum(lengths)])
+    return [probs[:, starts[i] : starts[i + 1]] for i in range(len(chunks))]
 
 
 # ------------------------------------------------------------------------------------------- sources
