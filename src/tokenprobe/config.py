@@ -3,7 +3,7 @@
 `RunConfig` is the CLI's schema (``tokenprobe train --help`` is generated from it), the record saved in
 ``run.json``, and part of the metadata inside every probe file. Values resolved at run time (the
 layer list, the dtype actually used, hashes of the model, tokenizer and corpus) live beside it in
-the run record built by :mod:`tokenprobe.train`.
+the run record built by :mod:`tokenprobe.pipelines.train`.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Binary classification metrics of one scorer on one set of positions, and a layer's results.
 
-They are computed exactly from integer counts (see :func:`tokenprobe.uncertainty.binary_metrics`), by
+They are computed exactly from integer counts (see :func:`tokenprobe.analysis.bootstrap.binary_metrics`), by
 the same code that computes every bootstrap resample, and checked against scikit-learn in the tests.
 """
 
