@@ -51,8 +51,10 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
         flat = meta.to_dict()
         print(f"{path}")
         for key in ("run_name", "kind", "layer", "task", "target", "target_ids", "model", "model_source",
-                    "weights_hash", "tokenizer_hash", "hidden_size", "context_length", "dtype", "tokenprobe_version"):
-            print(f"  {key:<18} {flat.get(key)}")
+                    "weights_hash", "tokenizer_hash", "hidden_size", "context_length", "dtype", "l2",
+                    "tokenprobe_version"):
+            value = flat.get(key)
+            print(f"  {key:<18} {repr(value) if key == 'target' else value}")  # ' the': the space shows
         print(f"  {'corpus':<18} {meta.corpus.get('name')} (sha256 {str(meta.corpus.get('sha256'))[:16]}...)")
         print(f"  {'created':<18} {meta.created}")
         print(f"  {'metrics':<18} {'set':<13} {'bal.acc':>7} {'acc':>6} {'AUROC':>6} {'TP':>6} {'FP':>6} "
@@ -77,7 +79,9 @@ def _cmd_viz(args: argparse.Namespace) -> int:
     if args.open:
         import webbrowser
 
-        webbrowser.open(result.path.resolve().as_uri())
+        if not webbrowser.open(result.path.resolve().as_uri()):
+            print(f"tokenprobe: no browser found to open the page; open {result.path.resolve()} yourself",
+                  file=sys.stderr)
     return 0
 
 
@@ -99,8 +103,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"tokenprobe {__version__}")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     sub = parser.add_subparsers(dest="command", required=True)
+    # --debug is also accepted after the subcommand (where error messages suggest appending it); SUPPRESS
+    # keeps a subcommand that was not given it from resetting the top-level flag.
+    debug = argparse.ArgumentParser(add_help=False)
+    debug.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks on errors")
 
-    train = sub.add_parser("train", help="train probes at the requested layers and evaluate them")
+    train = sub.add_parser("train", parents=[debug], help="train probes at the requested layers and evaluate them")
     add_config_arguments(train)
     train.add_argument("--out", type=Path, default=None,
                        help="run folder (default: runs/<sweep name>-<time>)")
@@ -111,12 +119,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--quiet", action="store_true", help="no progress bars or status lines")
     train.set_defaults(func=_cmd_train)
 
-    inspect = sub.add_parser("inspect", help="print a probe file's metadata and metrics")
+    inspect = sub.add_parser("inspect", parents=[debug], help="print a probe file's metadata and metrics")
     inspect.add_argument("probe", nargs="+", help="probe file(s) (.safetensors)")
     inspect.add_argument("--json", action="store_true", help="print the full metadata as JSON")
     inspect.set_defaults(func=_cmd_inspect)
 
-    report = sub.add_parser("report", help="rebuild report.md and plot.png from run folder(s)",
+    report = sub.add_parser("report", parents=[debug], help="rebuild report.md and plot.png from run folder(s)",
                             description="Rebuilds the sweep report (report.md) and plot (plot.png) from the "
                                         "results.json of one run folder, or draws several runs in one plot.")
     report.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR", help="run folder(s) from `tokenprobe train`")
@@ -125,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "./tokenprobe-report for several)")
     report.set_defaults(func=_cmd_report)
 
-    viz = sub.add_parser("viz", help="write an interactive HTML page: every layer's probe on every token of a text",
+    viz = sub.add_parser("viz", parents=[debug], help="write an interactive HTML page: every layer's probe on every token of a text",
                          description="Runs the model named in the probe files once over a text and writes one "
                                      "self-contained HTML page with every probe's probability for every token.")
     viz.add_argument("probes", nargs="+", metavar="RUN_DIR_OR_PROBE_FILE",

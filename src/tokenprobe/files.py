@@ -19,15 +19,31 @@ def default_cache_dir() -> Path:
     return base / "tokenprobe"
 
 
+def current_umask() -> int:
+    """The process's umask (read without changing it where /proc tells it)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_bytes(path: Path, data: bytes, durable: bool = True) -> None:
     """Writes to a temporary file beside `path`, then renames it over `path`.
 
-    `durable` also flushes the data to disk before the rename (so it survives a power cut, not just
-    a killed process); files that carry a checksum and are rebuilt when damaged can skip that.
+    The file gets the permissions any file the user creates gets (0666 less the umask), not the
+    0600 of a temporary file, so collaborators on a shared disk can read a run. `durable` also
+    flushes the data to disk before the rename (so it survives a power cut, not just a killed
+    process); files that carry a checksum and are rebuilt when damaged can skip that.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~current_umask())
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             if durable:

@@ -105,6 +105,10 @@ def test_sigint_mid_extraction_then_same_command_resumes_to_the_same_run(tmp_pat
     assert f"Resuming: {kept} batches were already extracted by an interrupted run" in resumed.stderr
     record = json.loads((out / "run.json").read_text())
     assert record["extraction"]["resumed_batches"] == kept
+    # Only computed tokens count towards the rate; the resumed ones are recorded apart.
+    ref_extraction = json.loads((reference / "run.json").read_text())["extraction"]
+    assert record["extraction"]["resumed_tokens"] > 0 and ref_extraction["resumed_tokens"] == 0
+    assert record["extraction"]["tokens"] + record["extraction"]["resumed_tokens"] == ref_extraction["tokens"]
     assert not shards(cache) and not list(cache.glob("extraction/*")), "checkpoint not cleaned up"
     assert_same_run(out, reference)
 

@@ -395,3 +395,15 @@ def test_debug_shows_the_traceback(tmp_path, llama, corpus_file, session_cache):
                     TP_FAULT_CRASH="1")
     assert crash.returncode != 0 and "Traceback" in crash.stderr and "ZeroDivisionError" in crash.stderr
     assert_nothing_written(out)
+
+
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_debug_is_accepted_before_or_after_the_subcommand(tmp_path, capsys, where):
+    from tokenprobe.cli import main
+
+    missing = str(tmp_path / "missing.safetensors")
+    argv = ["--debug", "inspect", missing] if where == "before" else ["inspect", missing, "--debug"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" in err and err.rstrip().endswith(f"tokenprobe: error: probe file not found: {missing}")
+    assert main(["inspect", missing]) == 2 and "Traceback" not in capsys.readouterr().err

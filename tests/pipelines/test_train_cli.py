@@ -112,3 +112,20 @@ def test_unbalanced_training_uses_capped_pos_weight(tiny_model_dirs, corpus_file
     expected = min(5.0, ((counts["positions"] - counts["positive"]) / counts["positive"]) ** 0.5)
     assert counts["positive"] < counts["positions"] / 4
     assert result.record["pos_weight"] == pytest.approx(expected)
+
+
+def test_a_run_folder_is_readable_by_others_under_umask_022(tmp_path, tiny_model_dirs, corpus_file):
+    """Every file of a run (record, results, report, plot, probes) is 0644 under the usual umask 022."""
+    import stat
+
+    code = ("import os, sys; os.umask(0o022); from tokenprobe.cli import main; sys.exit(main(sys.argv[1:]))")
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-c", code, "train", "--model", str(tiny_model_dirs["gpt2"]), "--corpus",
+                           str(corpus_file), "--context-length", "32", "--layers", "1", "--train-positions", "400",
+                           "--eval-positions", "100", "--bootstrap", "0", "--out", str(out), "--cache-dir",
+                           str(tmp_path / "cache"), "--quiet"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    files = [p for p in out.rglob("*") if p.is_file()]
+    assert {p.name for p in files} >= {"run.json", "results.json", "results.csv", "report.md", "plot.png",
+                                        "layer01.safetensors"}
+    assert {oct(stat.S_IMODE(p.stat().st_mode)) for p in files} == {oct(0o644)}

@@ -177,3 +177,14 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert err.count("\n") == 1 and "neither a run folder nor a probe file" in err
     with pytest.raises(SystemExit):
         main(["viz", str(tmp_path), "--text", "x", "--file", "y"])  # one text source only
+
+
+def test_open_without_a_browser_says_where_the_page_is(gpt2_run, session_cache, tmp_path, monkeypatch, capsys):
+    import webbrowser
+
+    monkeypatch.setattr(webbrowser, "open", lambda url: False)
+    page = tmp_path / "page.html"
+    assert main(["viz", str(gpt2_run), "--text", "The cat.", "--out", str(page), "--open", "--cache-dir",
+                 str(session_cache), "--quiet"]) == 0
+    err = capsys.readouterr().err
+    assert "no browser found" in err and str(page.resolve()) in err and page.is_file()

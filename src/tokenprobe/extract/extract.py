@@ -40,7 +40,8 @@ class ExtractionStats:
     bad_layers: dict[int, int] = field(default_factory=dict)  # layer -> batches with NaN/Inf there
     resumed_batches: int = 0  # read back from an interrupted run's checkpoint instead of recomputed
     batch_size: int = 0  # the batch size used (smaller than asked for after an out-of-memory retry)
-    tokens: int = 0
+    tokens: int = 0  # run through the model by this call
+    resumed_tokens: int = 0  # of the batches read back instead (not counted in `tokens` or its rate)
     seconds: float = 0.0
 
     @property
@@ -50,7 +51,7 @@ class ExtractionStats:
     def record(self) -> dict:
         return {"batches": self.batches, "bad_batches": self.bad_batches, "resumed_batches": self.resumed_batches,
                 "batch_size": self.batch_size, "bad_layers": self.bad_layers, "tokens": self.tokens,
-                "tokens_per_second": self.tokens_per_second}
+                "resumed_tokens": self.resumed_tokens, "tokens_per_second": self.tokens_per_second}
 
 
 def dtype_advice(dtype: torch.dtype) -> str:
@@ -137,7 +138,10 @@ def extract(
                     stats.bad_layers[layer] = stats.bad_layers.get(layer, 0) + 1
                 if stats.batches >= 4 and stats.bad_batches == stats.batches:
                     break  # every batch so far is bad: stop now rather than after the whole corpus
-            stats.tokens += len(batch.chunks) * batch.length
+            if done is None:
+                stats.tokens += len(batch.chunks) * batch.length
+            else:
+                stats.resumed_tokens += len(batch.chunks) * batch.length
             bar.update(len(batch.chunks) * batch.length)
             if stats.bad_batches:
                 bar.set_postfix_str(f"{stats.bad_batches} bad batches skipped")
