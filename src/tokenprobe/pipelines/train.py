@@ -61,7 +61,6 @@ class ExtractionPlan:
     """What the forward pass computes: the layers (probed, plus the last one the baselines need), the
     batch size, and the checkpoint finished batches go to."""
 
-    probed: list[int]
     layers: list[int]
     baselines: bool
     batch_size: int
@@ -189,7 +188,7 @@ def plan_stage(config: RunConfig, loaded: LoadedModel, prepared: Prepared, layer
     if checkpoint.completed(batch_size):
         say(f"Resuming: {checkpoint.completed(batch_size)} batches were already extracted by an "
             f"interrupted run ({checkpoint.folder})", quiet)
-    return ExtractionPlan(probed=layers, layers=extract_layers, baselines=baselines, batch_size=batch_size,
+    return ExtractionPlan(layers=extract_layers, baselines=baselines, batch_size=batch_size,
                           checkpoint=checkpoint)
 
 
