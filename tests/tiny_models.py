@@ -1,4 +1,4 @@
-"""Tiny randomly initialised causal LMs (Gemma 3, Llama, GPT-2) with a real trained tokenizer.
+"""Tiny randomly initialised causal LMs (Gemma 3, Llama, GPT-2, Qwen2) with a real trained tokenizer.
 
 Everything is built locally: a byte-level BPE tokenizer is trained on a synthetic corpus (so ' the'
 is a single token), and each model is saved with ``save_pretrained`` so that tokenprobe loads it
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-ARCHITECTURES = ("gemma3", "llama", "gpt2")
+ARCHITECTURES = ("gemma3", "llama", "gpt2", "qwen2")
 
 _SUBJECTS = ["the cat", "a dog", "the old man", "my sister", "the river", "a small bird", "the king", "our teacher"]
 _VERBS = ["sat on", "looked at", "walked to", "talked about", "ran past", "jumped over", "found", "painted"]
@@ -52,9 +52,10 @@ def build_tokenizer(directory: Path):
 def build_model(arch: str, vocab_size: int, bos: int, eos: int, pad: int):
     from transformers import (
         GPT2Config, GPT2LMHeadModel, Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM,
+        Qwen2Config, Qwen2ForCausalLM,
     )
 
-    torch.manual_seed({"gemma3": 1, "llama": 2, "gpt2": 3}[arch])
+    torch.manual_seed({"gemma3": 1, "llama": 2, "gpt2": 3, "qwen2": 4}[arch])
     common = dict(vocab_size=vocab_size, bos_token_id=bos, eos_token_id=eos, pad_token_id=pad)
     if arch == "gemma3":
         config = Gemma3TextConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
@@ -68,6 +69,10 @@ def build_model(arch: str, vocab_size: int, bos: int, eos: int, pad: int):
     if arch == "gpt2":
         config = GPT2Config(n_embd=64, n_layer=3, n_head=4, n_positions=256, **common)
         return GPT2LMHeadModel(config)
+    if arch == "qwen2":  # attention biases, tied embeddings: as Qwen2.5 0.5B
+        config = Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+                             num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True, **common)
+        return Qwen2ForCausalLM(config)
     raise ValueError(arch)
 
 

@@ -17,6 +17,11 @@ _LAZY = {
     "load_model": "tokenprobe.models.loading",
     "LinearProbe": "tokenprobe.probes.linear",
     "load_probe": "tokenprobe.probes.base",
+    "load_probes": "tokenprobe.pipelines.apply",
+    "activations": "tokenprobe.pipelines.apply",
+    "Activations": "tokenprobe.pipelines.apply",
+    "Prediction": "tokenprobe.pipelines.apply",
+    "ProbeSet": "tokenprobe.pipelines.apply",
     "RunResult": "tokenprobe.pipelines.train",
     "train": "tokenprobe.pipelines.train",
 }
@@ -34,12 +39,17 @@ def __getattr__(name: str):
 
 __all__ = [
     "__version__",
+    "Activations",
     "LinearProbe",
     "LoadedModel",
+    "Prediction",
+    "ProbeSet",
     "RunConfig",
     "RunResult",
     "TokenprobeError",
+    "activations",
     "load_model",
     "load_probe",
+    "load_probes",
     "train",
 ]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import signal
 import sys
@@ -39,6 +40,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+# Per family, the fit details `inspect` shows (every one is in `inspect --json`).
+FIT_SHOWN = {"linear": ("l2", "l2_method"), "sparse": ("l1", "l1_method", "kept"),
+             "mlp": ("width", "best_epoch", "validation_balanced_accuracy"), "mean-diff": ("threshold", "slope")}
+
+
 def _cmd_inspect(args: argparse.Namespace) -> int:
     from tokenprobe.probes.base import ProbeMeta, read_header
 
@@ -51,10 +57,13 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
         flat = meta.to_dict()
         print(f"{path}")
         for key in ("run_name", "kind", "layer", "task", "target", "target_ids", "model", "model_source",
-                    "weights_hash", "tokenizer_hash", "hidden_size", "context_length", "dtype", "l2",
+                    "weights_hash", "tokenizer_hash", "hidden_size", "context_length", "dtype",
                     "tokenprobe_version"):
             value = flat.get(key)
             print(f"  {key:<18} {repr(value) if key == 'target' else value}")  # ' the': the space shows
+        for key in FIT_SHOWN.get(meta.kind, ()):  # how this family's probe was fitted (all of it: --json)
+            if key in meta.fit:
+                print(f"  {key:<18} {meta.fit[key]}")
         print(f"  {'corpus':<18} {meta.corpus.get('name')} (sha256 {str(meta.corpus.get('sha256'))[:16]}...)")
         print(f"  {'created':<18} {meta.created}")
         print(f"  {'metrics':<18} {'set':<13} {'bal.acc':>7} {'acc':>6} {'AUROC':>6} {'TP':>6} {'FP':>6} "
@@ -74,7 +83,7 @@ def _cmd_viz(args: argparse.Namespace) -> int:
         _quiet_transformers()
 
     result = visualize(args.probes, text=args.text, file=args.file, corpus_sample=args.corpus_sample, out=args.out,
-                       device=args.device, cache_dir=args.cache_dir, progress=not args.quiet)
+                       device=args.device, cache_dir=args.cache_dir, progress=not args.quiet, family=args.family)
     print(result.path)
     if args.open:
         import webbrowser
@@ -145,6 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="show N held-out chunks of the run's own corpus")
     viz.add_argument("--out", type=Path, default=None,
                      help="the page to write (default: viz.html in the run folder, else ./tokenprobe-viz.html)")
+    viz.add_argument("--family", default=None,
+                     help="the probe family to show when a run has several (default: the run's primary one)")
     viz.add_argument("--open", action="store_true", help="open the page in the default browser")
     viz.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where the model runs")
     viz.add_argument("--cache-dir", type=Path, default=None,
@@ -159,12 +170,37 @@ def _one_line_warning(message, category, filename, lineno, file=None, line=None)
     return f"warning: {message}\n"
 
 
+class _LogLines(logging.Handler):
+    """`warning: ...` lines on stderr, written around any progress bar on screen (tqdm.write)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            line = f"{record.levelname.lower()}: {record.getMessage()}"
+            if "tqdm" in sys.modules:  # a bar may be on screen: print above it, not through it
+                sys.modules["tqdm"].tqdm.write(line, file=sys.stderr)
+            else:
+                print(line, file=sys.stderr, flush=True)
+        except Exception:
+            self.handleError(record)
+
+
+def _show_library_log(debug: bool) -> logging.Handler:
+    """tokenprobe's own log (warnings; with --debug, everything) as `warning: ...` lines on stderr."""
+    handler = _LogLines()
+    logger = logging.getLogger("tokenprobe")
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG if debug else logging.WARNING)
+    logger.propagate = False
+    return handler
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     warnings.formatwarning = _one_line_warning
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     _interrupt_on_sigterm()
+    handler = _show_library_log(args.debug)
     try:
         return args.func(args)
     except TokenprobeError as exc:
@@ -184,6 +220,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"tokenprobe: error: unexpected {type(exc).__name__}{': ' + first if first else ''} "
               "(rerun with --debug for the traceback, and please report it)", file=sys.stderr)
         return 1
+    finally:
+        logging.getLogger("tokenprobe").removeHandler(handler)
 
 
 def _interrupt_on_sigterm() -> None:

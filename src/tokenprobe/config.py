@@ -22,6 +22,7 @@ TASKS = ("next", "current")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda")
 BALANCE_MODES = ("positions", "none")
+PROBE_FAMILIES = ("linear", "mlp", "mean-diff", "sparse")  # see tokenprobe.probes.base.FAMILIES
 
 
 def _positive_int(text: str) -> int:
@@ -129,6 +130,27 @@ class RunConfig:
         ),
     )
     max_iter: int = field(default=300, metadata=_opt("L-BFGS iterations for probe training"))
+    probe: str = field(
+        default="linear",
+        metadata=_opt(
+            "probe families, comma-separated, all trained on the same activations: linear (logistic, --l2), "
+            "mlp (one hidden layer, early stopping), mean-diff (difference of the class means), sparse "
+            "(L1 logistic, penalty chosen like --l2 auto). The first is the run's primary probe"
+        ),
+    )
+    mlp_width: int = field(default=256, metadata=_opt("hidden units of the mlp probe"))
+    control: bool | None = field(
+        default=None,
+        metadata=_opt(
+            "also train every family on a control task (each current-token type gets a random label at the "
+            "task's positive rate; Hewitt & Liang 2019) and report selectivity = task minus control "
+            "(default: on for --task next, off for current)"
+        ),
+    )
+    mdl: bool = field(
+        default=False,
+        metadata=_opt("online-code description length per layer and family (Voita & Titov 2020)"),
+    )
     baselines: bool = field(
         default=True,
         metadata=_opt(
@@ -177,6 +199,25 @@ class RunConfig:
         if self.target_id is None and self.target == "":
             raise TokenprobeError("--target is empty: give the exact token string, e.g. --target ' the'")
         parse_layers(self.layers, num_layers=None)
+        self.probe_families()
+        if self.mlp_width < 1:
+            raise TokenprobeError(f"--mlp-width must be at least 1, got {self.mlp_width}")
+
+    def probe_families(self) -> list[str]:
+        """The families of --probe, in order (the first is the primary one); an error names a bad one."""
+        names = [name.strip() for name in str(self.probe).split(",")]
+        unknown = [name for name in names if name not in PROBE_FAMILIES]
+        if unknown or not names:
+            raise TokenprobeError(f"--probe {unknown[0] if unknown else ''!r} is not a probe family; use any of "
+                                  f"{', '.join(PROBE_FAMILIES)}, comma-separated (e.g. --probe linear,mlp)")
+        if len(set(names)) != len(names):
+            raise TokenprobeError(f"--probe {self.probe!r} names a family twice")
+        return names
+
+    @property
+    def control_task(self) -> bool:
+        """--control as resolved: on by default for the next-token task."""
+        return self.task == "next" if self.control is None else bool(self.control)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -264,8 +305,9 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     for f in dataclasses.fields(RunConfig):
         meta = f.metadata
         if _base_type(f.type) is bool:  # --wandb / --no-wandb
+            shown = f" (default: {f.default!r})" if f.default is not None else ""
             parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, action=argparse.BooleanOptionalAction,
-                                default=f.default, help=f"{meta.get('help', '')} (default: {f.default!r})")
+                                default=f.default, help=f"{meta.get('help', '')}{shown}")
             continue
         parser.add_argument(
             "--" + f.name.replace("_", "-"),

@@ -34,7 +34,8 @@ BASELINE_LABELS = {
 
 
 class ScorerKey(NamedTuple):
-    """What produced a score: ``("probe", 3)``, ``("logit_lens", 3)`` or ``("baseline", "model")``.
+    """What produced a score: ``("probe", 3)`` (the primary probe family), ``("probe:mlp", 3)`` (another
+    family), ``("logit_lens", 3)`` or ``("baseline", "model")``.
 
     ``str(key)`` is the spelling results.json uses (``probe/3``, ``logit_lens/3``, ``model``); `label`
     names the predictor without its layer (``probe``, ``logit_lens``, ``model``).
@@ -45,7 +46,7 @@ class ScorerKey(NamedTuple):
 
     @property
     def layer(self) -> int | None:
-        return self.name if self.kind in ("probe", LOGIT_LENS) else None
+        return self.name if self.kind == LOGIT_LENS or self.kind.startswith("probe") else None
 
     @property
     def label(self) -> str:

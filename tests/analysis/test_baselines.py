@@ -32,7 +32,7 @@ def _inputs(loaded, n_chunks=3, length=24):
     return ids
 
 
-@pytest.mark.parametrize("arch", ["gemma3", "llama", "gpt2"])
+@pytest.mark.parametrize("arch", ["gemma3", "llama", "gpt2", "qwen2"])
 def test_logit_lens_equals_final_norm_and_target_row_through_the_model(loaded_models, arch):
     loaded = loaded_models[arch]
     target = resolve_target(loaded.tokenizer, " the").token_id

@@ -143,3 +143,60 @@ def test_shared_negatives_are_a_uniform_sample_of_the_chunk():
     assert counts[~(~labels & valid)].sum() == 0
     expected = draws * 7 / len(negatives)  # about 500 per negative
     assert np.abs(counts[negatives] - expected).max() < 0.2 * expected
+
+
+SHORT_OF_POSITIVES = """
+import numpy as np
+from tokenprobe.data.positions import sample_positions, split_chunks
+rng = np.random.default_rng(0)
+labels = rng.random((60, 64)) < 0.05
+valid = np.ones_like(labels)
+sample_positions(labels, valid, split_chunks(60, 0.2, 0), 100_000, 100_000, "positions", 0)
+print("done")
+"""
+
+
+def test_a_short_supply_is_a_logged_warning_without_source_lines():
+    """Python users get tokenprobe's warnings through `logging` (stderr by default, one plain line,
+    no file and line); the CLI prints the same as `warning: ...`."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", SHORT_OF_POSITIVES], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and proc.stdout.strip() == "done", proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 2, lines
+    assert "positive training positions exist" in lines[0] and "positive held-out positions exist" in lines[1]
+    assert all(line.startswith("only ") and ".py" not in line and "Warning" not in line for line in lines), lines
+
+
+def test_warnings_can_be_silenced_the_logging_way(caplog):
+    import logging
+
+    rng = np.random.default_rng(0)
+    labels = rng.random((60, 64)) < 0.05
+    with caplog.at_level(logging.WARNING, logger="tokenprobe"):
+        sample_positions(labels, np.ones_like(labels), split_chunks(60, 0.2, 0), 100_000, 100_000, "positions", 0)
+    assert [r.name for r in caplog.records] == ["tokenprobe.data.positions"] * 2
+    assert all(r.levelno == logging.WARNING for r in caplog.records)
+
+
+def test_control_labels_are_a_function_of_the_token_type_at_the_asked_rate():
+    from tokenprobe.data.labels import ControlTask
+
+    ids = np.random.default_rng(3).integers(0, 50_000, size=(400, 64))
+    control = ControlTask(rate=0.3, seed=7)
+    labels = control.labels_of(ids)
+    assert labels.shape == ids.shape
+    # a function of the type: every occurrence of one id has one label, in any order and any shape
+    by_type = {}
+    for token, label in zip(ids.ravel(), labels.ravel()):
+        assert by_type.setdefault(int(token), bool(label)) == bool(label)
+    assert np.array_equal(control.labels_of(ids.ravel()[::-1]), labels.ravel()[::-1])
+    # the rate over types (not positions) is the asked one, within sampling noise of ~22k types
+    types = np.array(sorted(by_type))
+    assert abs(control.labels_of(types).mean() - 0.3) < 0.015
+    # another seed draws other labels; the same seed the same
+    assert (ControlTask(0.3, 8).labels_of(types) != control.labels_of(types)).mean() > 0.3
+    assert np.array_equal(ControlTask(0.3, 7).labels_of(types), control.labels_of(types))
+    assert ControlTask(0.5, 7).labels_of(types).mean() == pytest.approx(0.5, abs=0.015)

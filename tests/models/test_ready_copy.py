@@ -19,7 +19,7 @@ from tokenprobe.models.ready_copy import READY_MARKER, load_ready_copy, save_rea
 from tiny_models import synthetic_text
 
 
-@pytest.fixture(params=["gemma3", "llama", "gpt2"])
+@pytest.fixture(params=["gemma3", "llama", "gpt2", "qwen2"])
 def ready(request, tiny_model_dirs, tmp_path):
     source = tiny_model_dirs[request.param]
     model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)

@@ -80,7 +80,7 @@ def test_report_command_rebuilds_one_run_and_combines_several(tiny_runs, tmp_pat
     combined = tmp_path / "combined"
     assert main(["report", str(one), str(tiny_runs["current"].out_dir), "--out", str(combined)]) == 0
     text = (combined / "report.md").read_text()
-    assert "2 runs" in text and "# next" in text and "# current" in text
+    assert "2 runs sharing" in text and "# task next (" in text and "# task current (" in text
     assert (combined / "plot.png").stat().st_size > 10_000
 
 
@@ -102,4 +102,5 @@ def test_report_words_follow_the_figures(tiny_runs):
                        if not (v["token_stats"]["significant"] and v["token_stats"]["difference"] > 0))
     line = next(x for x in render_markdown(results).splitlines() if "does NOT beat token statistics" in x)
     listed = line.split(":", 1)[1].strip(" .")
-    assert listed == (", ".join(map(str, not_above)) or "none")
+    assert listed == ("none" if not not_above else f"layer {not_above[0]}" if len(not_above) == 1
+                      else "layers " + ", ".join(map(str, not_above)))

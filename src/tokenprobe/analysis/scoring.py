@@ -8,6 +8,7 @@ layers and between the best layer and each baseline.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -90,8 +91,10 @@ def _summary(ev: Evaluation, layers: list[int], baselines_on: bool) -> dict[str,
     return out
 
 
-def score_probes(probes: dict[int, Any], source: ActivationSource, n_positions: int) -> dict[ScorerKey, Scorer]:
-    """Every probe's probability at every usable position (NaN elsewhere), threshold 0.5."""
+def score_probes(probes: dict[int, Any], source: ActivationSource, n_positions: int,
+                 key: Callable[[int], ScorerKey] = probe_key) -> dict[ScorerKey, Scorer]:
+    """Every probe's probability at every usable position (NaN elsewhere), threshold 0.5; each under
+    `key(layer)`."""
     scorers: dict[ScorerKey, Scorer] = {}
     rows = np.flatnonzero(source.keep)
     every = len(rows) == n_positions  # then no row needs to be gathered
@@ -108,7 +111,7 @@ def score_probes(probes: dict[int, Any], source: ActivationSource, n_positions: 
             elif not every:
                 x = x[index.to(x.device)]
             scores[rows] = probe.predict_proba(x, out=scratch).double().cpu().numpy()
-        scorers[probe_key(layer)] = Scorer(scores=scores, threshold=0.5)
+        scorers[key(layer)] = Scorer(scores=scores, threshold=0.5)
     return scorers
 
 

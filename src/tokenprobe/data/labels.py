@@ -119,3 +119,37 @@ def make_labeler(task: str, target_ids: list[int] | tuple[int, ...]) -> Labeler:
     if task not in offsets:
         raise TokenprobeError(f"unknown task {task!r}: use next or current")
     return TokenLabeler(tuple(int(t) for t in target_ids), offsets[task])
+
+
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+
+
+def _uniform(token_ids: np.ndarray, seed: int) -> np.ndarray:
+    """A uniform [0, 1) number per token id and seed (splitmix64): the same id always gets the same one,
+    whatever corpus, vocabulary size or order the ids come in."""
+    with np.errstate(over="ignore"):
+        x = np.asarray(token_ids, dtype=np.uint64) * _GOLDEN + np.uint64(seed & 0xFFFFFFFF) * np.uint64(0xD1B54A32D192ED03)
+        x ^= x >> np.uint64(30)
+        x *= np.uint64(0xBF58476D1CE4E5B9)
+        x ^= x >> np.uint64(27)
+        x *= np.uint64(0x94D049BB133111EB)
+        x ^= x >> np.uint64(31)
+    return (x >> np.uint64(11)).astype(np.float64) / float(2**53)
+
+
+@dataclass(frozen=True)
+class ControlTask:
+    """A control task in the sense of Hewitt & Liang (2019): each current-token TYPE gets a random label,
+    drawn once with the seed at the task's positive rate. A probe can only solve it by memorising token
+    identities, so task accuracy minus control accuracy (selectivity) is what the probe reads beyond that.
+    """
+
+    rate: float  # the task's positive rate on the positions probes train on
+    seed: int
+
+    def labels_of(self, token_ids: np.ndarray) -> np.ndarray:
+        """The control label of each current token (any shape of ids)."""
+        return _uniform(token_ids, self.seed) < self.rate
+
+    def record(self) -> dict:
+        return {"rate": self.rate, "seed": self.seed, "labels": "per current-token type, uniform draw < rate"}

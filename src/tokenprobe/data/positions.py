@@ -11,14 +11,17 @@ times. Only chunks that hold a sampled position are ever run through the model.
 
 from __future__ import annotations
 
+import logging
+
 import math
-import warnings
 from dataclasses import dataclass
 
 import numpy as np
 
 from tokenprobe.errors import TokenprobeError
 from tokenprobe.vocabulary import SUBSETS
+
+log = logging.getLogger(__name__)
 
 MIN_POSITIVES = {"train": 8, "eval": 4}
 
@@ -141,7 +144,7 @@ def sample_positions(
         for c, pos, neg in rows:
             add("train", c, np.sort(np.concatenate([pos, neg])))
         if found < train_positions // 2:
-            warnings.warn(f"only {found} positive training positions exist (asked for {train_positions // 2})")
+            log.warning(f"only {found} positive training positions exist (asked for {train_positions // 2})")
     else:
         per_chunk = max(1, math.ceil(labels.shape[1] / 8))
         needed = math.ceil(train_positions / per_chunk)
@@ -150,7 +153,7 @@ def sample_positions(
 
     rows, found = _balanced(labels, valid, split.eval, eval_positions // 2, rng, draw_negatives=False)
     if found < eval_positions // 2:
-        warnings.warn(f"only {found} positive held-out positions exist (asked for {eval_positions // 2})")
+        log.warning(f"only {found} positive held-out positions exist (asked for {eval_positions // 2})")
     used = np.asarray([c for c, _, _ in rows])
     natural = _natural(valid, used, max(1, math.ceil(eval_positions / max(1, len(used)))), rng)
     for (c, pos, _), (_, sample) in zip(rows, natural):

@@ -14,6 +14,7 @@ except for the last layer, which transformers reports after the final norm and w
 
 from __future__ import annotations
 
+import logging
 import sys
 import time
 from dataclasses import dataclass, field
@@ -29,6 +30,8 @@ from tokenprobe.extract.plan import RunPlan
 from tokenprobe.data.positions import PositionSet
 from tokenprobe.extract.sinks import ActivationSink, CheckpointSink, MemorySink
 from tokenprobe.models.loading import LoadedModel
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -115,8 +118,9 @@ def extract(
                         raise
                     release_memory(device)
                     if computed == 0 and batch_size > 1:
-                        print(f"\nwarning: out of memory on the first batch at --batch-size {batch_size}; "
-                              f"retrying with --batch-size {batch_size // 2}", file=sys.stderr, flush=True)
+                        bar.clear()
+                        log.warning(f"out of memory on the first batch at --batch-size {batch_size}; "
+                                    f"retrying with --batch-size {batch_size // 2}")
                         batch_size //= 2
                         bar.total = plan.tokens(batch_size)
                         continue
@@ -173,3 +177,24 @@ def extract_positions(
     stats = extract(loaded, chunks, RunPlan.of(positions), positions.position, layers, batch_size, sinks,
                     resume=checkpoint, progress=progress)
     return memory, stats
+
+
+def extract_chunks(
+    loaded: LoadedModel, chunks: list[np.ndarray], layers: list[int], batch_size: int = 8, progress: bool = False,
+) -> tuple[MemorySink, np.ndarray]:
+    """Every position of every chunk (token-id arrays of any lengths), through `extract`: rows in
+    order, chunk after chunk; returns them and the chunks' lengths. Chunks are padded to one width; a
+    causal model never looks ahead, and each batch runs only to its longest chunk's end. ``keep`` is
+    False at the positions of a batch whose hidden states were not finite."""
+    lengths = np.asarray([len(chunk) for chunk in chunks], dtype=np.int64)
+    if not len(chunks) or lengths.min() < 1:
+        raise TokenprobeError("nothing to run: every chunk needs at least one token")
+    padded = np.zeros((len(chunks), int(lengths.max())), dtype=np.int64)
+    for i, chunk in enumerate(chunks):
+        padded[i, : len(chunk)] = chunk
+    n = int(lengths.sum())
+    positions = PositionSet(chunk=np.repeat(np.arange(len(chunks)), lengths),
+                            position=np.concatenate([np.arange(length) for length in lengths]),
+                            label=np.zeros(n, dtype=bool), subset=np.zeros(n, dtype=np.int8))
+    memory, _ = extract_positions(loaded, padded, positions, layers, batch_size, progress=progress)
+    return memory, lengths

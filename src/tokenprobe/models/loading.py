@@ -65,12 +65,60 @@ class LoadedModel:
 
 
 
-def _from_pretrained(source: str, dtype: torch.dtype) -> tuple[nn.Module, Callable[[], Any]]:
+HUB_TIMEOUT = 5.0  # seconds to wait for the hub before saying it cannot be reached
+
+
+def _hub_unreachable(timeout: float = HUB_TIMEOUT) -> str | None:
+    """Why the Hugging Face hub cannot be reached (one short request, no retries), or None if it can.
+
+    huggingface_hub retries an unreachable host for about 50 s before giving up; this asks once."""
+    import urllib.error
+    import urllib.request
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE is set"
+    endpoint = constants.ENDPOINT
+    try:
+        urllib.request.urlopen(urllib.request.Request(endpoint, method="HEAD"), timeout=timeout).close()
+    except urllib.error.HTTPError:
+        return None  # it answered
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        return f"{endpoint} did not answer within {timeout:.0f} s: {reason}"
+    return None
+
+
+def _hub_cached(source: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        return isinstance(try_to_load_from_cache(source, "config.json"), str)
+    except ValueError:  # not a valid repository id
+        return False
+
+
+def _from_hub(source: str, dtype: torch.dtype) -> tuple[nn.Module, Callable[[], Any], bool]:
+    """A hub id: from the hub, or from the local hub cache when the hub cannot be reached. Fails within
+    seconds, not after the hub client's minute of retries, when it is neither reachable nor cached."""
+    unreachable = _hub_unreachable()
+    if unreachable and not _hub_cached(source):
+        raise TokenprobeError(
+            f"cannot load model {source!r}: the Hugging Face hub cannot be reached ({unreachable}) and the "
+            "model is not in the local hub cache; pass a local model folder (save_pretrained) or a .gguf file"
+        )
+    model, load_tokenizer = _from_pretrained(source, dtype, local_files_only=bool(unreachable))
+    return model, load_tokenizer, bool(unreachable)
+
+
+def _from_pretrained(source: str, dtype: torch.dtype, local_files_only: bool = False
+                     ) -> tuple[nn.Module, Callable[[], Any]]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_files_only)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, local_files_only=local_files_only)
     except OSError as exc:
         raise TokenprobeError(
             f"cannot load model {source!r}: not a local model directory, and not a reachable Hugging Face "
@@ -82,11 +130,11 @@ def _from_pretrained(source: str, dtype: torch.dtype) -> tuple[nn.Module, Callab
     return model, lambda: tokenizer  # loaded already: its fingerprint is computed from it
 
 
-def _hub_revision(source: str, cache_dir: Path) -> str:
+def _hub_revision(source: str, cache_dir: Path, offline: bool = False) -> str:
     """A hub model's identity: the commit of the snapshot it was loaded from (its folder's name)."""
     from transformers.utils.hub import cached_file, extract_commit_hash
 
-    config_path = cached_file(source, "config.json")
+    config_path = cached_file(source, "config.json", local_files_only=offline)
     commit = extract_commit_hash(config_path, None) if config_path else None
     if commit:
         return f"hub:{source}@{commit}"
@@ -147,8 +195,8 @@ def _load_model(source: str, dtype: str | torch.dtype, device: str | torch.devic
             "a .gguf file, or a Hugging Face hub id"
         )
     else:
-        model, load_tokenizer = _from_pretrained(source, dtype)
-        weights_hash = _hub_revision(source, cache_dir)
+        model, load_tokenizer, offline = _from_hub(source, dtype)
+        weights_hash = _hub_revision(source, cache_dir, offline)
         name = slug(source)
 
     if getattr(model.config, "is_encoder_decoder", False):

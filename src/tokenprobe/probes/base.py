@@ -33,7 +33,12 @@ RUN_RECORD = "../run.json"  # a run's probe files sit in <run>/probes/
 
 # The registry: a family's kind, as stored in its files, -> the class that loads it ("module:Class").
 # Import paths, so that reading metadata imports no family (and no torch).
-FAMILIES = {"linear": "tokenprobe.probes.linear:LinearProbe"}
+FAMILIES = {
+    "linear": "tokenprobe.probes.linear:LinearProbe",
+    "mean-diff": "tokenprobe.probes.mean_diff:MeanDiffProbe",
+    "sparse": "tokenprobe.probes.sparse:SparseProbe",
+    "mlp": "tokenprobe.probes.mlp:MLPProbe",
+}
 
 
 @dataclass(frozen=True)
@@ -113,8 +118,14 @@ class ProbeMeta:
         model = ModelIdentity(name=data.get("model", ""), source=data.get("model_source", ""),
                               weights_hash=data.get("weights_hash", ""), tokenizer_hash=data.get("tokenizer_hash", ""),
                               hidden_size=int(data.get("hidden_size") or 0))
-        fit = {k: data[k] for k in data if k.startswith("l2")}
+        # Everything else in the header is how the probe was fitted (l2 for linear, l1 and the kept
+        # dimensions for sparse, width and epochs for mlp, ...), flat as to_dict wrote it.
+        fit = {k: v for k, v in data.items() if k not in names | _NOT_FIT}
         return cls(model=model, fit=fit, **values)
+
+
+_NOT_FIT = {"format", "format_version", "run", "model", "model_source", "weights_hash", "tokenizer_hash",
+            "hidden_size"}
 
 
 class Probe(Protocol):
@@ -203,6 +214,26 @@ def family(kind: str) -> type:
     return getattr(importlib.import_module(module), name)
 
 
+def probe_files(sources: list[str | Path]) -> list[Path]:
+    """Expands run folders (their ``probes/*.safetensors``) and probe files into a list of files."""
+    files: list[Path] = []
+    for source in sources:
+        path = Path(source)
+        if path.is_dir():
+            found = sorted((path / "probes").glob("*.safetensors")) or sorted(path.glob("*.safetensors"))
+            if not found:
+                raise TokenprobeError(
+                    f"{path} holds no probe files (looked in {path / 'probes'} and {path}); "
+                    "pass a run folder written by `tokenprobe train` or .safetensors probe files"
+                )
+            files.extend(found)
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise TokenprobeError(f"{path} is neither a run folder nor a probe file")
+    return files
+
+
 def load_probe(path: Path) -> Probe:
     """Loads a probe file of any family, with its metadata (safetensors: no code runs on load)."""
     meta = read_probe_meta(path)
@@ -213,3 +244,25 @@ def load_probe(path: Path) -> Probe:
         return cls.from_tensors(tensors, meta)
     except (SafetensorError, OSError, ValueError, KeyError) as exc:
         raise TokenprobeError(f"{path} is a corrupt probe file: {exc}") from exc
+
+
+def check_fits(probe: Probe, loaded) -> None:
+    """Refuses a model the probe was not trained on (tokenizer, weights, width) or lacking its layer."""
+    meta = probe.meta
+    layer = meta.layer if meta else None
+    try:
+        if meta is not None:
+            meta.model.check(loaded)
+        direction = probe.direction()
+        width = direction.shape[-1] if direction is not None else (meta.model.hidden_size if meta else 0)
+        if width and width != loaded.hidden_size:
+            raise TokenprobeError(
+                f"probe has width {width}, model {loaded.source!r} has {loaded.hidden_size}; "
+                "use the model named in the probe file"
+            )
+    except TokenprobeError as exc:
+        raise TokenprobeError(f"layer {layer} probe does not fit: {exc}") from None
+    if layer is None or not 0 <= layer <= loaded.num_layers:
+        raise TokenprobeError(
+            f"layer {layer} probe does not fit: {loaded.source!r} has layers 0 to {loaded.num_layers}"
+        )

@@ -14,7 +14,8 @@ from typing import Any
 
 from tokenprobe.errors import TokenprobeError
 from tokenprobe.files import atomic_write_bytes
-from tokenprobe.report.plot import METRICS, PLOT, num, plot, run_labels
+from tokenprobe.report.families import FAMILIES_PLOT, families_markdown, plot_families
+from tokenprobe.report.plot import METRICS, PLOT, compare_runs, num, plot
 from tokenprobe.vocabulary import BASELINE_LABELS, best_index
 
 REPORT = "report.md"
@@ -45,11 +46,63 @@ def _signed(d: dict[str, Any]) -> str:
     return f"{d['difference']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]"
 
 
+def _count(n: int, noun: str, plural: str | None = None) -> str:
+    """'1 layer pair', '6 layer pairs', '1,204 training positions'."""
+    return f"{n:,} {noun if n == 1 else plural or noun + 's'}"
+
+
 def _layers_text(layers: list[int]) -> str:
-    return ", ".join(map(str, layers)) if layers else "none"
+    """'none', 'layer 0', 'layers 0, 4', 'layers 0\u20133, 7' (three or more consecutive as a range)."""
+    layers = sorted(int(layer) for layer in layers)
+    if not layers:
+        return "none"
+    runs: list[list[int]] = []
+    for layer in layers:
+        if runs and layer == runs[-1][-1] + 1:
+            runs[-1].append(layer)
+        else:
+            runs.append([layer])
+    parts = [f"{r[0]}\u2013{r[-1]}" if len(r) >= 3 else ", ".join(map(str, r)) for r in runs]
+    return ("layer " if len(layers) == 1 else "layers ") + ", ".join(parts)
 
 
-def render_markdown(results: dict[str, Any], plot_name: str | None = PLOT, title: bool = True) -> str:
+def _fraction(entry: dict[str, Any] | None, percent: bool = False) -> str:
+    """The probe's AUROC as a fraction of the model's own, with its interval when there is one."""
+    if not entry:
+        return "n/a"
+    scale, unit, digits = (100, "%", 1) if percent else (1, "", 3)
+    text = _f(scale * num(entry.get("value")), digits) + unit
+    low, high = num(entry.get("low")), num(entry.get("high"))
+    return text if math.isnan(low) else f"{text} [{scale * low:.{digits}f}, {scale * high:.{digits}f}]"
+
+
+FEW = 5  # a list of layer differences longer than this shows its largest few and a count
+
+
+def _few(what: str, items: list[tuple[float, str]]) -> str:
+    """'what: none.', 'what (2): a; b.' or, when long, 'what (40; the 5 largest): a; ...; 35 more ...'."""
+    if not items:
+        return f"{what}: none."
+    if len(items) <= FEW:
+        return f"{what} ({len(items)}): " + "; ".join(text for _, text in items) + "."
+    largest = sorted(items, key=lambda item: -abs(item[0]))[:FEW]
+    return (f"{what} ({len(items)}; the {FEW} largest): " + "; ".join(text for _, text in largest)
+            + f"; {len(items) - FEW} more in results.json (comparisons).")
+
+
+def _versus_baselines(comparisons: dict[str, Any], metric: str, layer: int) -> dict[str, Any]:
+    """The paired differences of the probe at `layer` minus each baseline, for `metric`."""
+    entry = comparisons.get(metric, {})
+    if entry.get("best_layer") == layer and entry.get("best_minus_baselines"):
+        return entry["best_minus_baselines"]
+    per_layer = entry.get("layer_minus_baselines", {})
+    return per_layer.get(str(layer), per_layer.get(layer, {}))
+
+
+def render_markdown(results: dict[str, Any], plot_name: str | None = PLOT, title: bool = True,
+                    families_plot: str | None = FAMILIES_PLOT) -> str:
+    """report.md from results.json; with a "families" block (several probe families, a control task or
+    MDL) also the section "Probe families and the control task", referring to `families_plot`."""
     run, layers = results["run"], results["layers"]
     config, baselines = run["config"], results.get("baselines", {})
     comparisons = results.get("comparisons", {})
@@ -63,9 +116,9 @@ def render_markdown(results: dict[str, Any], plot_name: str | None = PLOT, title
     lines += [
         f"Model `{run['model']['name']}` ({run.get('dtype')}), corpus `{run['corpus']['name']}`, task "
         f"`{config.get('task')}`: {question} {target!r}? Context {config.get('context_length')} tokens; "
-        f"{positions.get('train', {}).get('positions', 0):,} training positions; "
-        f"{positions.get('eval', {}).get('positions', 0):,} held-out positions (balanced) from "
-        f"{positions.get('eval', {}).get('chunks', 0):,} held-out chunks, plus "
+        f"{_count(positions.get('train', {}).get('positions', 0), 'training position')}; "
+        f"{_count(positions.get('eval', {}).get('positions', 0), 'held-out position')} (balanced) from "
+        f"{_count(positions.get('eval', {}).get('chunks', 0), 'held-out chunk')}, plus "
         f"{positions.get('eval_natural', {}).get('positions', 0):,} at the natural class ratio.",
         "",
         (f"Intervals are 95% bootstrap intervals over the held-out chunks ({resamples} resamples), not over "
@@ -86,14 +139,14 @@ def render_markdown(results: dict[str, Any], plot_name: str | None = PLOT, title
     lines += ["## Best layer", "",
               f"Layer {best_layer}: balanced accuracy {_with_ci(best, 'balanced_accuracy')}, AUROC "
               f"{_with_ci(best, 'auroc')}"
-              + (f"; its AUROC is {100 * fraction['value']:.1f}% [{100 * num(fraction['low']):.1f}, "
-                 f"{100 * num(fraction['high']):.1f}] of the model's own." if fraction else "."), ""]
+              + (f"; its AUROC is {_fraction(fraction, percent=True)} of the model's own." if fraction else "."), ""]
+    auroc = comparisons.get("auroc", {})
+    auroc_best = auroc.get("best_layer")
     if bal and resamples:
-        auroc = comparisons.get("auroc", {})
         lines += [f"Indistinguishable from it in balanced accuracy (the 95% interval of the difference includes 0): "
-                  f"layers {_layers_text(bal.get('indistinguishable_from_best', []))}.",
-                  f"By AUROC the best layer is {auroc.get('best_layer')}; indistinguishable from it: layers "
-                  f"{_layers_text(auroc.get('indistinguishable_from_best', []))}.", ""]
+                  f"{_layers_text(bal.get('indistinguishable_from_best', []))}.",
+                  f"By AUROC the best layer is {'also ' if auroc_best == best_layer else ''}{auroc_best}; "
+                  f"indistinguishable from it: {_layers_text(auroc.get('indistinguishable_from_best', []))}.", ""]
 
     if baselines:
         lines += ["## Compared with the baselines", "", "Held-out balanced set; baseline thresholds chosen on the "
@@ -106,23 +159,31 @@ def render_markdown(results: dict[str, Any], plot_name: str | None = PLOT, title
             if entry:
                 label = BASELINE_LABELS[name] + (f", layer {best_layer}" if name == "logit_lens" else "")
                 lines.append(f"| {label} | {_with_ci(entry, 'balanced_accuracy')} | {_with_ci(entry, 'auroc')} |")
+        bullets_from = len(lines) + 1
         lines.append("")
+        # Every bullet speaks of the table's probe (the best layer by balanced accuracy), for both metrics.
         for metric, metric_label in METRICS:
-            vs = comparisons.get(metric, {}).get("best_minus_baselines", {})
-            for name, d in vs.items():
+            for name, d in _versus_baselines(comparisons, metric, best_layer).items():
                 verdict = ("higher than" if d["significant"] and d["difference"] > 0 else
                            "lower than" if d["significant"] else "indistinguishable from")
-                lines.append(f"- {metric_label}: the probe at layer {comparisons[metric]['best_layer']} is {verdict} "
+                lines.append(f"- {metric_label}: the probe at layer {best_layer} is {verdict} "
                              f"the {BASELINE_LABELS[name]} ({_signed(d)}).")
+        if resamples and auroc_best is not None and auroc_best != best_layer:
+            tie = best_layer in auroc.get("indistinguishable_from_best", [])
+            lines.append(f"- By AUROC alone the best layer is {auroc_best}; layer {best_layer} (the best by balanced "
+                         f"accuracy, compared above) is {'indistinguishable from it' if tie else 'below it'} in AUROC.")
         per_layer = bal.get("layer_minus_baselines", {})
         if per_layer:
             not_above = [int(k) for k, v in per_layer.items()
                          if "token_stats" in v and not (v["token_stats"]["significant"] and v["token_stats"]["difference"] > 0)]
             above_lens = [int(k) for k, v in per_layer.items()
                           if "logit_lens" in v and v["logit_lens"]["significant"] and v["logit_lens"]["difference"] > 0]
-            lines += [f"- Layers whose probe does NOT beat token statistics in balanced accuracy: {_layers_text(not_above)}.",
-                      f"- Layers whose probe beats that layer's logit lens in balanced accuracy: {_layers_text(above_lens)}."]
-        lines.append("")
+            lines += ["- Where the probe does NOT beat token statistics in balanced accuracy: "
+                      f"{_layers_text(not_above)}.",
+                      "- Where the probe beats that layer's logit lens in balanced accuracy: "
+                      f"{_layers_text(above_lens)}."]
+        if len(lines) > bullets_from:
+            lines.append("")
     else:
         why = ("they predict the next token and this run asks about the current one"
                if config.get("task") == "current" else "the run was made with --no-baselines")
@@ -132,15 +193,23 @@ def render_markdown(results: dict[str, Any], plot_name: str | None = PLOT, title
         pairs = bal["pairs"]
         steps = [d for d in pairs if d["b"] == _next_layer(d["a"], by_layer) and d["significant"]]
         drops = [d for d in pairs if d["a"] < d["b"] and d["significant"] and d["difference"] > 0]
+        differ = sum(d["significant"] for d in pairs)
         lines += ["## Which layer differences are real", "",
                   "Differences in balanced accuracy whose paired 95% interval excludes 0.", "",
-                  "- Steps between neighbouring layers: " + ("; ".join(
-                      f"{d['a']}→{d['b']} {-d['difference']:+.3f}" for d in steps) or "none") + ".",
-                  "- Drops (a later layer significantly below an earlier one): " + ("; ".join(
-                      f"{d['b']} below {d['a']} by {d['difference']:.3f} [{d['low']:.3f}, {d['high']:.3f}]"
-                      for d in drops) or "none") + ".",
-                  f"- Of {len(pairs)} layer pairs, {sum(d['significant'] for d in pairs)} differ beyond their "
-                  "interval; the rest are indistinguishable.", ""]
+                  "- " + _few("Steps between neighbouring layers", [
+                      (d["difference"], f"{d['a']}→{d['b']} {-d['difference']:+.3f}") for d in steps]),
+                  "- " + _few("Drops, a later layer significantly below an earlier one", [
+                      (d["difference"], f"{d['b']} below {d['a']} by {d['difference']:.3f} "
+                                        f"[{d['low']:.3f}, {d['high']:.3f}]") for d in drops]),
+                  "- " + (("The one layer pair differs beyond its interval." if differ else
+                           "The one layer pair is indistinguishable.") if len(pairs) == 1 else
+                          f"None of the {len(pairs)} layer pairs differs beyond its interval." if not differ else
+                          f"All {len(pairs)} layer pairs differ beyond their intervals." if differ == len(pairs) else
+                          f"Of {len(pairs)} layer pairs, {differ} {'differs' if differ == 1 else 'differ'} beyond "
+                          "the interval; the rest are indistinguishable."), ""]
+
+    if results.get("families"):
+        lines += families_markdown(results["families"], families_plot, run.get("model", {}).get("hidden_size"))
 
     lines += ["## Per layer", "", "| layer | probe bal. acc. | probe AUROC | AUROC / model's | logit lens bal. acc. "
               "| logit lens AUROC | natural-ratio AUROC |", "|---|---|---|---|---|---|---|"]
@@ -150,7 +219,7 @@ def render_markdown(results: dict[str, Any], plot_name: str | None = PLOT, title
         nat = r.get("sets", {}).get("eval_natural", {})
         lines.append(
             f"| {r['layer']} | {_with_ci(r, 'balanced_accuracy')} | {_with_ci(r, 'auroc')} | "
-            + (f"{_f(frac['value'])} [{_f(frac['low'])}, {_f(frac['high'])}]" if frac else "n/a") + " | "
+            + _fraction(frac) + " | "
             + (f"{_with_ci(lens, 'balanced_accuracy')} | {_with_ci(lens, 'auroc')}" if lens else "n/a | n/a")
             + f" | {_with_ci(nat, 'auroc')} |")
     for name in ("model", "token_stats", "majority"):
@@ -168,31 +237,44 @@ def _next_layer(layer: int, by_layer: dict[int, Any]) -> int | None:
 
 
 def write_report(run_dir: Path) -> tuple[Path, Path]:
-    """Writes report.md and plot.png into one run folder, from its results.json."""
+    """Writes report.md and plot.png into one run folder, from its results.json (and families.png when
+    it has a "families" block)."""
     run_dir = Path(run_dir)
     results = load_results(run_dir)
     plot([(run_dir, results)], run_dir / PLOT)
+    if results.get("families"):
+        plot_families(results, run_dir / FAMILIES_PLOT)
     atomic_write_bytes(run_dir / REPORT, render_markdown(results).encode("utf-8"))
     return run_dir / REPORT, run_dir / PLOT
 
 
 def build_report(run_dirs: list[Path], out: Path | None = None) -> tuple[Path, Path]:
     """One run: rebuilds its report (into `out`, default the run folder). Several: one combined report
-    and plot in `out` (default ./tokenprobe-report), with a section per run."""
+    and plot in `out` (default ./tokenprobe-report), with a section per run; each run with probe families
+    gets its own families-<n>.png (n: its place among the runs)."""
     run_dirs = [Path(d) for d in run_dirs]
     runs = [(d, load_results(d)) for d in run_dirs]
     if len(runs) == 1:
         out = Path(out) if out else run_dirs[0]
         out.mkdir(parents=True, exist_ok=True)
         plot(runs, out / PLOT)
+        if runs[0][1].get("families"):
+            plot_families(runs[0][1], out / FAMILIES_PLOT)
         atomic_write_bytes(out / REPORT, render_markdown(runs[0][1]).encode("utf-8"))
         return out / REPORT, out / PLOT
     out = Path(out) if out else Path("tokenprobe-report")
     out.mkdir(parents=True, exist_ok=True)
     plot(runs, out / PLOT)
-    labels = run_labels(runs)
-    parts = [f"# tokenprobe report: {len(runs)} runs", "", f"![probe and baselines per layer]({PLOT})", ""]
-    for (run_dir, results), label in zip(runs, labels):
-        parts += [f"# {label} (`{run_dir}`)", "", render_markdown(results, plot_name=None, title=False)]
+    shared, labels = compare_runs(runs)
+    parts = [f"# tokenprobe report: {len(runs)} runs" + (f" sharing {shared}" if shared else ""), "",
+             "Each section is one run, named by what differs between them.", "",
+             f"![probe and baselines per layer]({PLOT})", ""]
+    for i, ((run_dir, results), label) in enumerate(zip(runs, labels), 1):
+        # A run with probe families gets its own families plot, numbered by its place in the report.
+        families_plot = f"families-{i}.png" if results.get("families") else None
+        if families_plot:
+            plot_families(results, out / families_plot, title=f"{label}: probe families")
+        parts += [f"# {label} (`{run_dir}`)", "",
+                  render_markdown(results, plot_name=None, title=False, families_plot=families_plot)]
     atomic_write_bytes(out / REPORT, "\n".join(parts).encode("utf-8"))
     return out / REPORT, out / PLOT

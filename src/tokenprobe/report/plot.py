@@ -18,18 +18,98 @@ def num(value: Any) -> float:
     return float("nan") if value is None else float(value)
 
 
+# What tells runs apart, most telling first: the question, the data and the model; then the rest of the
+# configuration (layers, seed, ...), named only when that is all that differs. Bookkeeping never counts.
+PRIMARY_FACETS = ("model", "task", "target", "corpus", "context")
+_NOT_A_DIFFERENCE = {"model", "corpus", "task", "target", "target_id", "context_length", "layers", "wandb",
+                     "wandb_project"}
+
+
+def _short(name: str) -> str:
+    """A local path by its last part ('/data/x/corpus.txt' -> 'corpus.txt'); hub names stay whole."""
+    return Path(name).name or name if name.startswith(("/", "./", "../", "~")) else name
+
+
+def _layer_list(layers: list[int]) -> str:
+    if len(layers) > 2 and layers == list(range(layers[0], layers[-1] + 1)):
+        return f"{layers[0]}\u2013{layers[-1]}"
+    return ",".join(map(str, layers)) if len(layers) <= 5 else f"{len(layers)} from {layers[0]} to {layers[-1]}"
+
+
+def _setting(value: Any) -> str:
+    if value is None:
+        return "default"
+    return ("on" if value else "off") if isinstance(value, bool) else str(value)
+
+
+def _facets(results: dict[str, Any]) -> tuple[dict[str, str], dict[str, str]]:
+    """(primary, secondary): each facet of a run in the words a label or a title uses."""
+    run = results["run"]
+    config = run.get("config", {})
+    target = run.get("target", {}).get("text", config.get("target", ""))
+    primary = {"model": str(run["model"]["name"]), "task": str(config.get("task", "")), "target": repr(target),
+               "corpus": str(run["corpus"]["name"]), "context": str(config.get("context_length"))}
+    layers = run.get("layers") or [r["layer"] for r in results.get("layers", [])]
+    secondary = {"layers": _layer_list(list(layers))}
+    secondary.update({k: _setting(v) for k, v in config.items() if k not in _NOT_A_DIFFERENCE})
+    return primary, secondary
+
+
+def _named(key: str, value: str) -> str:
+    return f"{key.replace('_', ' ')} {value}"
+
+
+def compare_runs(runs: list[tuple[Path, dict[str, Any]]]) -> tuple[str, list[str]]:
+    """(shared, labels): what all the runs have in common ("model gpt2, task next ' the', corpus
+    corpus.txt, context 32"), and per run a short label naming only what differs between them: the
+    model, task, target, corpus or context; the layers, seed or other settings when those are all that
+    differ; the run folder's name when nothing does. One run: its description and an empty label."""
+    facets = [_facets(results) for _, results in runs]
+    primary = [p for p, _ in facets]
+    for key in ("model", "corpus"):  # local paths by their last part, unless that would merge two
+        short = [_short(p[key]) for p in primary]
+        if len(set(short)) == len({p[key] for p in primary}):
+            for p, value in zip(primary, short):
+                p[key] = value
+    same = [k for k in PRIMARY_FACETS if len({p[k] for p in primary}) == 1]
+    first = primary[0]
+    words = {k: _named(k, first[k]) for k in same}
+    if "task" in same and "target" in same:
+        words["task"], words["target"] = f"task {first['task']} {first['target']}", ""
+    shared = ", ".join(words[k] for k in PRIMARY_FACETS if words.get(k))
+    if len(runs) == 1:
+        return shared, [""]
+    labels: list[list[str]] = [[] for _ in runs]
+    for tier in (primary, [s for _, s in facets]):
+        keys = list(dict.fromkeys(k for t in tier for k in t))
+        keys = [k for k in keys if len({t.get(k) for t in tier}) > 1]
+        for label, values in zip(labels, tier):
+            label += [_named(k, values[k]) if k in values else f"no {k}" for k in keys]
+        if keys and len({", ".join(label) for label in labels}) == len(runs):
+            return shared, [", ".join(label) for label in labels]
+    names = [d.name for d, _ in runs]
+    if len(set(names)) < len(names):
+        names = [str(d) for d, _ in runs]
+    return shared, [", ".join([*label, name]) for label, name in zip(labels, names)]
+
+
+def plot_title(runs: list[tuple[Path, dict[str, Any]]]) -> str:
+    """'tokenprobe: model gpt2, corpus corpus.txt, context 32 (2 runs)': what the runs share."""
+    shared = compare_runs(runs)[0]
+    if len(runs) == 1:
+        return f"tokenprobe: {shared}"
+    return f"tokenprobe: {shared} ({len(runs)} runs)" if shared else f"tokenprobe: {len(runs)} runs"
+
+
 def run_labels(runs: list[tuple[Path, dict[str, Any]]]) -> list[str]:
-    """Short labels naming only what differs between the runs (task, target, corpus, model, ...)."""
-    def facets(run_dir: Path, results: dict[str, Any]) -> dict[str, str]:
-        run = results["run"]
-        return {"task": run["config"].get("task", ""), "target": repr(run.get("target", {}).get("text", "")),
-                "corpus": run["corpus"]["name"], "model": run["model"]["name"],
-                "ctx": f"ctx{run['config'].get('context_length')}"}
-    all_facets = [facets(d, r) for d, r in runs]
-    varying = [k for k in all_facets[0] if len({f[k] for f in all_facets}) > 1]
-    if not varying:
-        return [d.name for d, _ in runs]
-    return [" ".join(f[k] for k in varying) for f in all_facets]
+    """Short labels naming only what differs between the runs (see `compare_runs`)."""
+    return compare_runs(runs)[1]
+
+
+def has_intervals(runs: list[tuple[Path, dict[str, Any]]]) -> bool:
+    """Whether any run carries bootstrap intervals (none with --bootstrap 0)."""
+    return any(not math.isnan(num(r.get(f"{metric}_low"))) for _, results in runs for r in results["layers"]
+               for metric, _ in METRICS)
 
 
 def plot(runs: list[tuple[Path, dict[str, Any]]], path: Path) -> None:
@@ -39,7 +119,9 @@ def plot(runs: list[tuple[Path, dict[str, Any]]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = run_labels(runs) if len(runs) > 1 else [""]
+    labels = compare_runs(runs)[1]
+    bands = ("95% bootstrap bands over held-out chunks" if has_intervals(runs)
+             else "no intervals (--bootstrap 0)")
     fig, axes = plt.subplots(1, 2, figsize=(13, 5.2), constrained_layout=True)
     cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, (metric, metric_label) in zip(axes, METRICS):
@@ -82,16 +164,13 @@ def plot(runs: list[tuple[Path, dict[str, Any]]], path: Path) -> None:
                     ax.axhspan(low, high, color=line_colour, alpha=0.1, linewidth=0)
         ax.set_xlabel("layer (0 = embedding output)")
         ax.set_ylabel(f"{metric_label} (held-out, balanced)")
-        ax.set_title(f"{metric_label} per layer, 95% bootstrap bands over held-out chunks", fontsize=10)
+        ax.set_title(f"{metric_label} per layer, {bands}", fontsize=10)
         ax.grid(alpha=0.3)
         all_x = sorted({r["layer"] for _, res in runs for r in res["layers"]})
         if len(all_x) <= 40:
             ax.set_xticks(all_x)
         ax.legend(fontsize=8, loc="lower right")
-    first = runs[0][1]["run"]
-    fig.suptitle(f"tokenprobe: {first['model']['name']}, task {first['config'].get('task')} "
-                 f"{first.get('target', {}).get('text', '')!r}" + (f" ({len(runs)} runs)" if len(runs) > 1 else ""),
-                 fontsize=11)
+    fig.suptitle(plot_title(runs), fontsize=11)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp.png")
     fig.savefig(tmp, dpi=120)

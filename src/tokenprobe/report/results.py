@@ -10,6 +10,7 @@ from typing import Any
 
 from tokenprobe.analysis.metrics import BaselineResult, BinaryMetrics, Intervals, LayerResult, flat_metrics
 from tokenprobe.files import atomic_write_bytes, json_safe, write_json
+from tokenprobe.report.families import format_families_table, write_families_csv  # noqa: F401 (the pipeline's)
 from tokenprobe.vocabulary import EVAL, EVAL_NATURAL, SET_DESCRIPTIONS, best_index
 
 
@@ -25,8 +26,15 @@ def _ci(intervals: Intervals, name: str) -> str:
 def format_table(layers: list[LayerResult], baselines: list[BaselineResult] | None = None,
                  indistinguishable: list[int] | None = None) -> str:
     """The end-of-run table: held-out balanced metrics with 95% intervals, logit lens, confusion matrix,
-    natural-ratio figures; then the run-level baselines."""
-    head = (f"{'layer':>5}  {'bal.acc':>7} {'95% CI':<13}  {'AUROC':>6} {'95% CI':<13}  {'/model':>6}  "
+    natural-ratio figures; then the run-level baselines. Without intervals (--bootstrap 0) the interval
+    columns are left out and the footnote says so."""
+    intervals = any(r.intervals.get(EVAL) for r in layers)
+
+    def ci(iv: Intervals, name: str) -> str:
+        return f" {_ci(iv, name):<13}" if intervals else ""
+
+    ci_head = f" {'95% CI':<13}" if intervals else ""
+    head = (f"{'layer':>5}  {'bal.acc':>7}{ci_head}  {'AUROC':>6}{ci_head}  {'/model':>6}  "
             f"{'lens bal.acc':>12} {'AUROC':>6}  {'TP':>6} {'FP':>6} {'TN':>6} {'FN':>6}"
             f"   {'natural: bal.acc':>16}  {'acc':>6}  {'AUROC':>6}")
     lines = [head, "-" * len(head)]
@@ -37,8 +45,8 @@ def format_table(layers: list[LayerResult], baselines: list[BaselineResult] | No
         fraction = r.auroc_fraction_of_model.get(EVAL, (float("nan"),))[0]
         mark = " *" if r is best else (" =" if indistinguishable and r.layer in indistinguishable else "")
         lines.append(
-            f"{r.layer:>5}  {_fmt(m.balanced_accuracy):>7} {_ci(iv, 'balanced_accuracy'):<13}  {_fmt(m.auroc):>6} "
-            f"{_ci(iv, 'auroc'):<13}  {_fmt(fraction):>6}  "
+            f"{r.layer:>5}  {_fmt(m.balanced_accuracy):>7}{ci(iv, 'balanced_accuracy')}  {_fmt(m.auroc):>6}"
+            f"{ci(iv, 'auroc')}  {_fmt(fraction):>6}  "
             f"{_fmt(lens.balanced_accuracy if lens else float('nan')):>12} {_fmt(lens.auroc if lens else float('nan')):>6}  "
             f"{m.tp:>6} {m.fp:>6} {m.tn:>6} {m.fn:>6}   {_fmt(nat.balanced_accuracy):>16}  "
             f"{_fmt(nat.accuracy):>6}  {_fmt(nat.auroc):>6}{mark}"
@@ -48,8 +56,8 @@ def format_table(layers: list[LayerResult], baselines: list[BaselineResult] | No
         if m is None:
             continue
         lines.append(
-            f"{'':>5}  {_fmt(m.balanced_accuracy):>7} {_ci(iv, 'balanced_accuracy'):<13}  {_fmt(m.auroc):>6} "
-            f"{_ci(iv, 'auroc'):<13}  {'':>6}  {'':>12} {'':>6}  {m.tp:>6} {m.fp:>6} {m.tn:>6} {m.fn:>6}   "
+            f"{'':>5}  {_fmt(m.balanced_accuracy):>7}{ci(iv, 'balanced_accuracy')}  {_fmt(m.auroc):>6}"
+            f"{ci(iv, 'auroc')}  {'':>6}  {'':>12} {'':>6}  {m.tp:>6} {m.fp:>6} {m.tn:>6} {m.fn:>6}   "
             f"{_fmt(nat.balanced_accuracy if nat else float('nan')):>16}  {_fmt(nat.accuracy if nat else float('nan')):>6}  "
             f"{_fmt(nat.auroc if nat else float('nan')):>6}  <- {b.name}"
         )
@@ -60,9 +68,8 @@ def format_table(layers: list[LayerResult], baselines: list[BaselineResult] | No
         f"* best layer" + ("; = indistinguishable from it (paired 95% CI of the difference includes 0)"
                            if indistinguishable else "")
     )
-    if layers[0].intervals:
-        lines.append("95% CI: bootstrap over held-out chunks; /model: probe AUROC as a fraction of the model's own; "
-                     "lens: logit lens at that layer")
+    lines.append(("95% CI: bootstrap over held-out chunks" if intervals else "no intervals (--bootstrap 0)")
+                 + "; /model: probe AUROC as a fraction of the model's own; lens: logit lens at that layer")
     return "\n".join(lines)
 
 
@@ -78,7 +85,9 @@ def _csv_row(layer: int | str, subset: str, scorer: str, metrics: BinaryMetrics,
 
 def write_results(out_dir: Path, record: dict[str, Any], layers: list[LayerResult],
                   baselines: list[BaselineResult] | None = None, extra: dict[str, Any] | None = None) -> None:
-    """results.json (NaN as null) and results.csv (one row per layer, set and scorer; NaN as empty)."""
+    """results.json (NaN as null) and results.csv (one row per layer, set and scorer; NaN as empty); with
+    `extra["families"]` (probe families, control task, MDL: `FamilyEvaluation.to_dict()`) also
+    families.csv, one row per layer and family."""
     write_json(out_dir / "results.json", {
         "run": record,
         "primary_metric": "balanced_accuracy on the held-out balanced set ('eval')",
@@ -104,3 +113,5 @@ def write_results(out_dir: Path, record: dict[str, Any], layers: list[LayerResul
         for name, m in b.metrics.items():
             writer.writerow(_csv_row("", name, b.name, m, b.intervals.get(name, {})))
     atomic_write_bytes(out_dir / "results.csv", buffer.getvalue().encode())
+    if (extra or {}).get("families"):
+        write_families_csv(out_dir, extra["families"])

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import html
 import json
+import logging
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,13 +25,15 @@ import torch
 from tokenprobe.config import RunConfig
 from tokenprobe.data.labels import make_labeler
 from tokenprobe.data.prepare import prepare_chunks
+from tokenprobe.data.text import chunk_ids, pieces_from_decoding, tokenize_text
 from tokenprobe.errors import TokenprobeError
-from tokenprobe.data.positions import PositionSet
-from tokenprobe.extract.extract import extract_positions
+from tokenprobe.extract.extract import extract_chunks
 from tokenprobe.files import atomic_write_bytes, default_cache_dir, json_safe
 from tokenprobe.models.loading import LoadedModel, load_model
-from tokenprobe.probes.base import Probe, ProbeMeta, load_probe
+from tokenprobe.probes.base import Probe, ProbeMeta, check_fits, load_probe, probe_files
 from tokenprobe.vocabulary import EVAL, EVAL_NATURAL
+
+log = logging.getLogger(__name__)
 
 # Probe metadata that must agree across all probes shown on one page.
 SHARED_KEYS = ("model", "task", "target_ids", "context_length", "dtype")
@@ -58,29 +62,25 @@ class VizResult:
 # -------------------------------------------------------------------------------------------- probes
 
 
-def probe_files(sources: list[str | Path]) -> list[Path]:
-    """Expands run folders (their ``probes/*.safetensors``) and probe files into a list of files."""
-    files: list[Path] = []
-    for source in sources:
-        path = Path(source)
-        if path.is_dir():
-            found = sorted((path / "probes").glob("*.safetensors")) or sorted(path.glob("*.safetensors"))
-            if not found:
-                raise TokenprobeError(
-                    f"{path} holds no probe files (looked in {path / 'probes'} and {path}); "
-                    "pass a run folder written by `tokenprobe train` or .safetensors probe files"
-                )
-            files.extend(found)
-        elif path.is_file():
-            files.append(path)
-        else:
-            raise TokenprobeError(f"{path} is neither a run folder nor a probe file")
-    return files
+def load_probe_set(sources: list[str | Path], family: str | None = None) -> list[Probe]:
+    """Loads the probes, sorted by layer; they must come from one model, task, target and context.
 
-
-def load_probe_set(sources: list[str | Path]) -> list[Probe]:
-    """Loads the probes, sorted by layer; they must come from one model, task, target and context."""
-    probes = [load_probe(path) for path in probe_files(sources)]
+    A page shows one probe family: `family`, or, where the sources hold several, the run's primary one
+    (its files are ``layerNN.safetensors``; the others ``<family>-layerNN.safetensors``)."""
+    files = probe_files(sources)
+    probes = [load_probe(path) for path in files]
+    kinds = sorted({p.kind for p in probes})
+    if family is not None:
+        if family not in kinds:
+            raise TokenprobeError(f"no {family} probes here (the probes are {', '.join(kinds)}); "
+                                  f"pick one with --family")
+        probes = [p for p in probes if p.kind == family]
+    elif len(kinds) > 1:
+        primary = [p.kind for p, path in zip(probes, files) if re.fullmatch(r"layer\d+\.safetensors", path.name)]
+        chosen = primary[0] if primary else kinds[0]
+        others = " or ".join(k for k in kinds if k != chosen)
+        log.warning(f"the run has {', '.join(kinds)} probes: showing the {chosen} ones (--family {others} for the others)")
+        probes = [p for p in probes if p.kind == chosen]
     by_layer: dict[int, Probe] = {}
     first: ProbeMeta = probes[0].meta
     for probe in probes:
@@ -106,75 +106,10 @@ def _shown(value):
 
 def check_probes_fit(probes: list[Probe], loaded: LoadedModel) -> None:
     for probe in probes:
-        try:
-            probe.check_compatible(loaded)
-        except TokenprobeError as exc:
-            raise TokenprobeError(f"layer {probe.layer} probe does not fit: {exc}") from None
-        if not 0 <= probe.layer <= loaded.num_layers:
-            raise TokenprobeError(
-                f"layer {probe.layer} probe does not fit: {loaded.source!r} has layers 0 to {loaded.num_layers}"
-            )
-        width = probe.direction().shape[-1]
-        if width != loaded.hidden_size:
-            raise TokenprobeError(
-                f"layer {probe.layer} probe has width {width}, model {loaded.source!r} has "
-                f"{loaded.hidden_size}; use the model named in the probe file"
-            )
+        check_fits(probe, loaded)
 
 
 # --------------------------------------------------------------------------------------------- texts
-
-
-def _pieces_from_offsets(text: str, offsets: list[tuple[int, int]]) -> list[tuple[str, int]]:
-    """Splits `text` by token offsets; a character split over several tokens goes to the first."""
-    pieces: list[tuple[str, int]] = []
-    cursor = 0
-    for index, (start, end) in enumerate(offsets):
-        start = max(start, cursor)
-        if start > cursor:
-            pieces.append((text[cursor:start], -1))
-        end = max(end, start)
-        pieces.append((text[start:end], index))
-        cursor = end
-    if cursor < len(text):
-        pieces.append((text[cursor:], -1))
-    return pieces
-
-
-def _pieces_from_decoding(tokenizer, ids: list[int], first_index: int) -> list[tuple[str, int]]:
-    """Each token's text as what it adds to the decoded prefix (bytes of a split character wait
-    until the character is complete, so those tokens show as empty)."""
-    pieces = []
-    committed = ""
-    for i in range(len(ids)):
-        decoded = tokenizer.decode(ids[: i + 1], skip_special_tokens=False, clean_up_tokenization_spaces=False)
-        if decoded.endswith("\ufffd"):
-            piece = ""
-        elif decoded.startswith(committed):
-            piece = decoded[len(committed):]
-            committed = decoded
-        else:
-            piece = tokenizer.decode([ids[i]], skip_special_tokens=False, clean_up_tokenization_spaces=False)
-            committed = decoded
-        pieces.append((piece, first_index + i))
-    return pieces
-
-
-def tokenize_text(tokenizer, text: str) -> tuple[list[int], list[tuple[str, int]]]:
-    """Token ids of `text` (no special tokens, as training tokenized documents) and its pieces."""
-    if getattr(tokenizer, "is_fast", False):
-        encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        ids = list(encoded["input_ids"])
-        return ids, _pieces_from_offsets(text, [tuple(o) for o in encoded["offset_mapping"]])
-    ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
-    return ids, _pieces_from_decoding(tokenizer, ids, 0)
-
-
-def chunk_ids(ids: list[int], context_length: int, bos_id: int | None) -> list[np.ndarray]:
-    """Consecutive chunks of at most `context_length` tokens, each starting with BOS (as training)."""
-    body = context_length - (1 if bos_id is not None else 0)
-    prefix = [bos_id] if bos_id is not None else []
-    return [np.asarray(prefix + ids[i : i + body], dtype=np.int64) for i in range(0, len(ids), body)]
 
 
 # ----------------------------------------------------------------------------------- forward pass
@@ -190,15 +125,8 @@ def layer_probabilities(
     looks ahead, and each is run only to its own end but for the batch's longest. Positions of a
     batch whose hidden states were not finite get NaN.
     """
-    lengths = np.asarray([len(chunk) for chunk in chunks])
-    padded = np.zeros((len(chunks), int(lengths.max())), dtype=np.int64)
-    for i, chunk in enumerate(chunks):
-        padded[i, : len(chunk)] = chunk
+    acts, lengths = extract_chunks(loaded, chunks, [p.layer for p in probes], batch_size)
     n = int(lengths.sum())
-    positions = PositionSet(chunk=np.repeat(np.arange(len(chunks)), lengths),
-                            position=np.concatenate([np.arange(length) for length in lengths]),
-                            label=np.zeros(n, dtype=bool), subset=np.zeros(n, dtype=np.int8))
-    acts, _ = extract_positions(loaded, padded, positions, [p.layer for p in probes], batch_size, progress=False)
     probs = np.empty((len(probes), n), dtype=np.float32)
     with torch.inference_mode():
         for j, probe in enumerate(probes):
@@ -260,13 +188,13 @@ def _prepare_corpus_sample(probes: list[Probe], loaded: LoadedModel, n: int, cac
         )
     start = 1 if bos is not None else 0
     if n > len(split.eval):
-        print(f"warning: the run holds out {len(split.eval)} chunks; showing all of them", file=sys.stderr)
+        log.warning(f"the run holds out {len(split.eval)} chunks; showing all of them")
     prep = _Prepared([], [], [], [], [], [])
     for c in split.eval[:n]:
         c = int(c)
         body = [int(t) for t in chunks[c, start:]]
         offset = len(prep.token_ids)
-        pieces = _pieces_from_decoding(loaded.tokenizer, body, offset)
+        pieces = pieces_from_decoding(loaded.tokenizer, body, offset)
         prep.documents.append(Document(f"held-out chunk {c} of {corpus.name}", pieces))
         prep.token_chunk.extend([len(prep.chunks)] * len(body))
         prep.token_pos.extend(range(start, start + len(body)))
@@ -303,6 +231,7 @@ def page_data(probes: list[Probe], prep: _Prepared, probabilities: np.ndarray, l
         "model": meta.model.name,
         "model_source": meta.model.source,
         "task": meta.task,
+        "family": probes[0].kind,
         "target": meta.target,
         "target_ids": meta.target_ids,
         "context_length": meta.context_length,
@@ -329,7 +258,7 @@ def embed_json(data: Any) -> str:
 
 
 def render_html(data: dict[str, Any]) -> str:
-    title = f"tokenprobe: {data.get('model')} {data.get('task')} {data.get('target')!r}"
+    title = f"tokenprobe: {data.get('model')} {data.get('task')} {data.get('target')!r} ({data.get('family', 'linear')} probes)"
     template = PAGE_TEMPLATE.read_text(encoding="utf-8")
     return template.replace("{{TITLE}}", html.escape(title)).replace("{{DATA}}", embed_json(data))
 
@@ -352,6 +281,7 @@ def visualize(
     loaded: LoadedModel | None = None,
     progress: bool = False,
     write: bool = True,
+    family: str | None = None,
 ) -> VizResult:
     """Runs the probes in `sources` (run folders or probe files) over one text and writes the page.
 
@@ -363,7 +293,7 @@ def visualize(
     if not sources:
         raise TokenprobeError("name a run folder or probe files to visualise")
     cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
-    probes = load_probe_set(sources)
+    probes = load_probe_set(sources, family)
     meta = probes[0].meta
     if loaded is None:
         if progress:
