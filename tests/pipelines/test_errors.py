@@ -91,7 +91,8 @@ def test_model_path_missing(tmp_path, bad, corpus_file, session_cache):
 
 def test_model_hub_id_unreachable_offline(tmp_path, corpus_file, session_cache):
     expect_error(tmp_path, "no-such-org/no-such-model", corpus_file, session_cache,
-                 match=["cannot load model 'no-such-org/no-such-model'", "not a reachable Hugging Face hub id"])
+                 match=["cannot load model 'no-such-org/no-such-model'", "the Hugging Face hub cannot be reached",
+                        "pass a local model folder"])
 
 
 def test_model_folder_without_config(tmp_path, bad, corpus_file, session_cache):

@@ -24,7 +24,8 @@ def runs(tiny_model_dirs, corpus_file, tmp_path_factory):
     """Tiny gpt2 runs that differ in one thing each from `next`: the task, the seed, the intervals."""
     root, cache = tmp_path_factory.mktemp("wording-runs"), tmp_path_factory.mktemp("wording-cache")
     base = dict(model=str(tiny_model_dirs["gpt2"]), corpus=str(corpus_file), layers="0,1,2,3", context_length=32,
-                train_positions=600, eval_positions=300, dtype="float32", device="cpu", bootstrap=200)
+                train_positions=600, eval_positions=300, dtype="float32", device="cpu", bootstrap=200,
+                control=False)  # the primary table's wording; families are tests/report/test_families_report.py's
     variants = {"next": {}, "current": {"task": "current"}, "seed1": {"seed": 1}, "nobootstrap": {"bootstrap": 0}}
     return {name: train(RunConfig(**{**base, **change}), out_dir=root / name, cache_dir=cache, progress=False)
             for name, change in variants.items()}
