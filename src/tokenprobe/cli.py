@@ -188,6 +188,7 @@ def _show_library_log(debug: bool) -> logging.Handler:
     """tokenprobe's own log (warnings; with --debug, everything) as `warning: ...` lines on stderr."""
     handler = _LogLines()
     logger = logging.getLogger("tokenprobe")
+    handler.restore = (logger.level, logger.propagate)  # for main() to put back: a library caller's setup stays
     logger.addHandler(handler)
     logger.setLevel(logging.DEBUG if debug else logging.WARNING)
     logger.propagate = False
@@ -221,7 +222,10 @@ def main(argv: list[str] | None = None) -> int:
               "(rerun with --debug for the traceback, and please report it)", file=sys.stderr)
         return 1
     finally:
-        logging.getLogger("tokenprobe").removeHandler(handler)
+        logger = logging.getLogger("tokenprobe")
+        logger.removeHandler(handler)
+        level, logger.propagate = handler.restore
+        logger.setLevel(level)
 
 
 def _interrupt_on_sigterm() -> None:

@@ -12,6 +12,7 @@ import argparse
 import dataclasses
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, get_args, get_origin
 
 from tokenprobe.errors import TokenprobeError
@@ -71,11 +72,26 @@ class RunConfig:
     )
     task: str = field(
         default="next",
-        metadata=_opt("next: is the NEXT token the target? current: is THIS token the target?", TASKS),
+        metadata=_opt("next: is the NEXT token the target? current: is THIS token the target? ahead:K: is the "
+                      "token K positions ahead the target? (ahead:1 is next)"),
     )
-    target: str = field(default=" the", metadata=_opt("target token as an exact string (leading space matters)"))
-    target_id: int | None = field(
-        default=None, metadata=_opt("target token id; overrides --target (use when a string splits in several)")
+    target: str | list[str] = field(
+        default=" the",
+        metadata=_opt("target token as an exact string (leading space matters); several mean any of them, "
+                      "e.g. --target ' the' ' The'", nargs="+"),
+    )
+    target_id: int | list[int] | None = field(
+        default=None,
+        metadata=_opt("target token id(s); override --target (use when a string splits in several)", nargs="+"),
+    )
+    labels: str | None = field(
+        default=None,
+        metadata=_opt("labels that are not a token: a JSONL file, one {\"text\": ..., \"spans\": [[start, end], "
+                      "...]} per corpus document; a token is positive where its characters overlap a span "
+                      "(with --task current; next and ahead:K look that many tokens ahead)"),
+    )
+    label_regex: str | None = field(
+        default=None, metadata=_opt("like --labels, the spans being the matches of this regular expression"),
     )
     layers: str = field(
         default="auto",
@@ -169,8 +185,20 @@ class RunConfig:
 
     def validate(self) -> None:
         """Checks that need no model; a TokenprobeError names the bad value and the fix."""
-        if self.task not in TASKS:
-            raise TokenprobeError(f"--task must be one of {', '.join(TASKS)}, got {self.task!r}")
+        task_offset(self.task)
+        if self.labels is not None and self.label_regex is not None:
+            raise TokenprobeError("give --labels or --label-regex, not both")
+        if self.labels is not None and not Path(self.labels).is_file():
+            raise TokenprobeError(f"--labels {self.labels}: file not found; give a JSONL file of "
+                                  '{"text": ..., "spans": [[start, end], ...]} per corpus document')
+        if self.label_regex is not None:
+            if not self.label_regex:
+                raise TokenprobeError("--label-regex is empty: give a pattern, e.g. --label-regex '\\d+'")
+            try:
+                re.compile(self.label_regex)
+            except re.error as exc:
+                raise TokenprobeError(f"--label-regex {self.label_regex!r} is not a regular expression: {exc}") \
+                    from None
         if self.dtype not in DTYPES:
             raise TokenprobeError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.device not in DEVICES:
@@ -196,7 +224,7 @@ class RunConfig:
             raise TokenprobeError(f"--l2 must be auto or a number >= 0, got {self.l2!r}")
         if self.pos_weight_cap < 1.0:
             raise TokenprobeError(f"--pos-weight-cap must be at least 1, got {self.pos_weight_cap}")
-        if self.target_id is None and self.target == "":
+        if self.target_id is None and any(t == "" for t in self.targets()):
             raise TokenprobeError("--target is empty: give the exact token string, e.g. --target ' the'")
         parse_layers(self.layers, num_layers=None)
         self.probe_families()
@@ -213,6 +241,23 @@ class RunConfig:
         if len(set(names)) != len(names):
             raise TokenprobeError(f"--probe {self.probe!r} names a family twice")
         return names
+
+    def targets(self) -> list[str]:
+        """--target as a list (one string is one target)."""
+        return [self.target] if isinstance(self.target, str) else list(self.target)
+
+    def target_ids(self) -> list[int]:
+        """--target-id as a list (empty when not given)."""
+        if self.target_id is None:
+            return []
+        return [int(self.target_id)] if isinstance(self.target_id, int) else [int(t) for t in self.target_id]
+
+    @property
+    def span_labels(self) -> str | None:
+        """The span source as a labeler spec ("spans:FILE" or "regex:PATTERN"), or None for token targets."""
+        if self.labels is not None:
+            return f"spans:{self.labels}"
+        return f"regex:{self.label_regex}" if self.label_regex is not None else None
 
     @property
     def control_task(self) -> bool:
@@ -278,14 +323,40 @@ def data_label(config: RunConfig) -> str:
     return str(config.max_tokens)
 
 
+def task_label(config: RunConfig) -> str:
+    """The task as it appears in names: ``next``, ``ahead3``, ``current-regex``, ``next-labels-names``."""
+    label = config.task.replace(":", "")
+    if config.labels is not None:
+        label += "-labels-" + slug(Path(config.labels).stem)
+    elif config.label_regex is not None:
+        label += "-regex"
+    return label
+
+
 def run_name(config: RunConfig, layer: int, model_name: str) -> str:
-    """The seed's pattern: ``probe-layer5-ctx256-all-next-gemma-3-270m``."""
-    return f"probe-layer{layer}-ctx{config.context_length}-{data_label(config)}-{config.task}-{slug(model_name)}"
+    """One layer's name: ``probe-layer5-ctx256-all-next-gemma-3-270m``."""
+    return f"probe-layer{layer}-ctx{config.context_length}-{data_label(config)}-{task_label(config)}-{slug(model_name)}"
 
 
 def sweep_name(config: RunConfig, model_name: str) -> str:
     """The group name shared by the per-layer runs of one sweep."""
-    return f"sweep-ctx{config.context_length}-{data_label(config)}-{config.task}-{slug(model_name)}"
+    return f"sweep-ctx{config.context_length}-{data_label(config)}-{task_label(config)}-{slug(model_name)}"
+
+
+def task_offset(task: str) -> int:
+    """How many tokens ahead ``--task`` looks: next 1, current 0, ahead:K K; an error names a bad task."""
+    if task == "next":
+        return 1
+    if task == "current":
+        return 0
+    if isinstance(task, str) and task.startswith("ahead:"):
+        count = task.removeprefix("ahead:")
+        if count.isascii() and count.isdigit():
+            if int(count) == 0:
+                raise TokenprobeError("--task ahead:0 asks about this very token: use --task current")
+            return int(count)
+        raise TokenprobeError(f"--task {task!r}: K in ahead:K must be a whole number of tokens >= 1, e.g. ahead:2")
+    raise TokenprobeError(f"--task must be next, current or ahead:K (K tokens ahead), got {task!r}")
 
 
 # ---------------------------------------------------------------------------------------------- CLI
@@ -315,9 +386,16 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
             type=meta.get("type") or _base_type(f.type),
             default=f.default,
             choices=meta.get("choices"),
+            nargs=meta.get("nargs"),
             help=f"{meta.get('help', '')} (default: {f.default!r})",
         )
 
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
-    return RunConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(RunConfig)})
+    """The RunConfig of parsed options; a list option given one value stores that value alone, so a
+    single target is recorded as it always was."""
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(RunConfig)}
+    for name, value in values.items():
+        if isinstance(value, list) and len(value) == 1:
+            values[name] = value[0]
+    return RunConfig(**values)

@@ -123,7 +123,7 @@ def test_rows_gather_one_layer_at_a_time_with_the_same_result():
     assert _same(copied, fit_mean_diff_probes(x[:, rows], y[rows], progress=False))  # deterministic
     with pytest.raises(ValueError, match="labels"):
         fit_mean_diff_probes(x, y[rows], progress=False)
-    with pytest.raises(ValueError, match="both classes"):
+    with pytest.raises(TokenprobeError, match="both classes"):
         fit_mean_diff_probes(x, torch.zeros(4000, dtype=torch.bool), progress=False)
 
 

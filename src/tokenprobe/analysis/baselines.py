@@ -101,7 +101,7 @@ def compute_baselines(loaded: LoadedModel, prepared: Prepared, source: Activatio
     `source` must hold every probed layer and the last layer (``loaded.num_layers``); its `keep`
     marks positions whose batch was finite.
     """
-    positions, usable, target_id = prepared.positions, source.keep, prepared.target.token_id
+    positions, usable, target_id = prepared.positions, source.keep, prepared.target.token_ids
     n = len(positions)
     train = positions.mask(TRAIN) & usable
     held_out = (positions.mask(EVAL) | positions.mask(EVAL_NATURAL)) & usable

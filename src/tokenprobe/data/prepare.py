@@ -15,7 +15,9 @@ import numpy as np
 from tokenprobe.config import RunConfig
 from tokenprobe.data.chunks import load_chunks
 from tokenprobe.data.corpus import Corpus, load_corpus
-from tokenprobe.data.labels import Labeler, Target, cached_target, make_labeler
+from tokenprobe.config import task_offset
+from tokenprobe.data.labels import Labeler, TargetSet, ahead, cached_targets, make_labeler
+from tokenprobe.data.spans import make_span_labeler
 from tokenprobe.data.positions import PositionSet, Split, sample_positions, split_chunks
 
 
@@ -29,7 +31,7 @@ class Prepared:
     bos_id: int | None  # the token every chunk starts with, or None
     chunks_from_cache: bool
     split: Split
-    target: Target | None = None
+    target: TargetSet | None = None  # None for labels that are not a token (--labels, --label-regex)
     labeler: Labeler | None = None
     labels: np.ndarray | None = None  # like `chunks`, bool
     valid: np.ndarray | None = None  # like `chunks`, bool
@@ -59,12 +61,21 @@ def prepare(config: RunConfig, loaded, cache_dir: Path, progress: bool = True, s
     fingerprint; `say` receives one status line per stage.
     """
     say = say or (lambda message: None)
-    target = cached_target(loaded, config.target, config.target_id, cache_dir)
-    say(target.describe())
+    target = None
+    if config.span_labels is None:
+        target = cached_targets(loaded, [] if config.target_id is not None else config.targets(),
+                                config.target_ids(), cache_dir)
+        say(target.describe())
     prepared = prepare_chunks(config, loaded, cache_dir, progress)
     say(f"Corpus {prepared.corpus.name}: {len(prepared.corpus.documents):,} documents, {len(prepared.chunks):,} "
         f"chunks of {config.context_length} tokens{' (cached)' if prepared.chunks_from_cache else ''}")
-    labeler = make_labeler(config.task, [target.token_id])
+    if target is not None:
+        labeler = make_labeler(config.task, target.token_ids)
+    else:
+        spans = make_span_labeler(config.span_labels, prepared.corpus, loaded.tokenizer, config.context_length)
+        labeler = ahead(spans, task_offset(config.task), config.task)
+        say(f"Labels: {spans.question.removeprefix('is this token ')}: {spans.positives:,} positive tokens "
+            f"in the corpus's chunks; the task asks {labeler.question} ...")
     labels, valid = labeler.labels(prepared.chunks, has_bos=prepared.bos_id is not None)
     positions = sample_positions(labels, valid, prepared.split, config.train_positions, config.eval_positions,
                                  config.balance, config.seed)

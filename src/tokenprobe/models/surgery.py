@@ -8,6 +8,7 @@ of ``num_hidden_layers`` entries should work.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -73,10 +74,23 @@ class Unembedding:
     def _cap(self, logits: torch.Tensor) -> torch.Tensor:
         return torch.tanh(logits / self.softcap) * self.softcap if self.softcap else logits
 
-    def target_logit(self, hidden: torch.Tensor, target_id: int, batch: int = 8192) -> np.ndarray:
-        """Logit lens: the target's (softcapped) logit from ONE unembedding row, float64 per position."""
-        row = self.weight[target_id].float()
-        bias = float(self.bias[target_id]) if self.bias is not None else 0.0
+    def target_logit(self, hidden: torch.Tensor, target_id: int | Sequence[int], batch: int = 8192) -> np.ndarray:
+        """Logit lens: the target's (softcapped) logit from ONE unembedding row, float64 per position; for
+        several targets ("any of them") the log-sum-exp of their logits, which orders positions as the
+        lens's probability of any of them does."""
+        ids = [int(target_id)] if isinstance(target_id, (int, np.integer)) else [int(t) for t in target_id]
+        if len(ids) > 1:
+            rows = self.weight[ids].float()
+            bias = self.bias[ids].float() if self.bias is not None else None
+            out = []
+            with torch.inference_mode():
+                for start in range(0, len(hidden), batch):
+                    logits = self.normed(hidden[start : start + batch]).float() @ rows.T
+                    logits = self._cap(logits + bias if bias is not None else logits)
+                    out.append(torch.logsumexp(logits.double(), dim=-1).cpu())
+            return torch.cat(out).numpy() if out else np.zeros(0)
+        row = self.weight[ids[0]].float()
+        bias = float(self.bias[ids[0]]) if self.bias is not None else 0.0
         out = []
         with torch.inference_mode():
             for start in range(0, len(hidden), batch):
@@ -84,9 +98,10 @@ class Unembedding:
                 out.append(self._cap(logit).double().cpu())
         return torch.cat(out).numpy() if out else np.zeros(0)
 
-    def target_probability(self, hidden: torch.Tensor, target_id: int, batch: int = 512,
+    def target_probability(self, hidden: torch.Tensor, target_id: int | Sequence[int], batch: int = 512,
                            vocab_block: int = 4096) -> np.ndarray:
-        """The model's own probability of the target: a softmax over the full vocabulary.
+        """The model's own probability of the target (of any of several: the sum of theirs): a softmax
+        over the full vocabulary.
 
         Computed tile by tile: `batch` rows against `vocab_block` rows of the unembedding at a time,
         the logits in the model's dtype as the model computes them, the normaliser accumulated
@@ -95,6 +110,7 @@ class Unembedding:
         than a whole-row float32 log_softmax on Gemma 3's 262k vocabulary, and closer to the exact
         float64 value (its float32 sum loses about 1e-4 relative).
         """
+        ids = [int(target_id)] if isinstance(target_id, (int, np.integer)) else [int(t) for t in target_id]
         out = []
         vocab = self.weight.shape[0]
         with torch.inference_mode():
@@ -102,15 +118,18 @@ class Unembedding:
                 x = self.normed(hidden[start : start + batch])
                 peak = torch.full((len(x), 1), -torch.inf, device=x.device)
                 total = torch.zeros(len(x), dtype=torch.float64, device=x.device)
-                target = None
+                targets: list[torch.Tensor] = []  # each target's logit, float64
                 for v in range(0, vocab, vocab_block):
                     bias = self.bias[v : v + vocab_block] if self.bias is not None else None
                     tile = self._cap(nn.functional.linear(x, self.weight[v : v + vocab_block], bias).float())
-                    if v <= target_id < v + vocab_block:
-                        target = tile[:, target_id - v].double()
+                    targets += [tile[:, t - v].double() for t in ids if v <= t < v + vocab_block]
                     new_peak = torch.maximum(peak, tile.amax(dim=-1, keepdim=True))
                     total = total * torch.exp((peak - new_peak)[:, 0].double()) \
                         + tile.sub_(new_peak).exp_().sum(dim=-1).double()
                     peak = new_peak
-                out.append((torch.exp(target - peak[:, 0].double()) / total).cpu())
+                top = peak[:, 0].double()
+                mass = torch.exp(targets[0] - top)
+                for logit in targets[1:]:
+                    mass = mass + torch.exp(logit - top)
+                out.append((mass / total).cpu())
         return torch.cat(out).numpy() if out else np.zeros(0)

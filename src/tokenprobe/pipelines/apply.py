@@ -93,7 +93,10 @@ def activations(loaded: LoadedModel, text_or_ids: str | Sequence[int], layers: S
     starting with the tokenizer's BOS, as training chunks its corpus; pass the probes' context
     length to see what they saw. One forward pass per batch, stopped after the deepest layer asked.
     """
-    layers = list(range(loaded.num_layers + 1)) if layers == "all" else sorted({int(layer) for layer in layers})
+    if isinstance(layers, str) and layers != "all":
+        raise TokenprobeError(f"layers must be 'all' or a list of layer numbers, got {layers!r}")
+    layers = (list(range(loaded.num_layers + 1)) if isinstance(layers, str)
+              else sorted({int(layer) for layer in np.asarray(layers).reshape(-1)}))
     if not layers:
         raise TokenprobeError("no layers asked for")
     ids, tokens = _tokens(loaded, text_or_ids)
@@ -154,6 +157,10 @@ class ProbeSet:
     def __init__(self, probes: Sequence[Probe]):
         if not probes:
             raise TokenprobeError("no probes given")
+        if any(p.meta is None for p in probes):
+            raise TokenprobeError("a probe without metadata cannot be placed in a set (which model, layer, "
+                                  "task?); load probes from their files with load_probes, or apply one yourself "
+                                  "with probe.predict_proba(activations(...)[layer])")
         self.probes = sorted(probes, key=lambda p: (p.meta.layer, p.kind, p.meta.task, p.meta.target))
         first = self.probes[0].meta
         for probe in self.probes:

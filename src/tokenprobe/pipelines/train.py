@@ -29,10 +29,11 @@ from tokenprobe.files import default_cache_dir, json_safe, write_json
 from tokenprobe.models.loading import LoadedModel, load_model
 from tokenprobe.pipelines.run_dir import RUN_RECORD, RunDir, default_out_dir
 from tokenprobe.probes.base import ModelIdentity, Probe, ProbeMeta
-from tokenprobe.probes.fitting import description_length, fit_family
+from tokenprobe.probes.fitting import description_length, fit_control, fit_family
 from tokenprobe.probes.linear import pos_weight_for
 from tokenprobe.report.markdown import write_report
-from tokenprobe.report.results import format_families_table, format_table, write_results
+from tokenprobe.report.families import format_families_table
+from tokenprobe.report.results import format_table, write_results
 from tokenprobe.report.tracking import log_to_wandb
 from tokenprobe.vocabulary import TRAIN, best_index
 
@@ -213,7 +214,9 @@ def plan_stage(config: RunConfig, loaded: LoadedModel, prepared: Prepared, layer
     # The baselines predict the next token: for other tasks they would answer another question.
     baselines = config.baselines and prepared.labeler.predicts_next_token
     if config.baselines and not baselines:
-        say("Baselines skipped: they predict the next token, and --task current asks about this one", quiet)
+        why = ("--task current asks about this one" if prepared.target is not None and config.task == "current"
+               else f"and this run asks {prepared.labeler.question} ...")
+        say(f"Baselines skipped: they predict the next token, {why}", quiet)
     extract_layers = sorted({*layers, loaded.num_layers}) if baselines else layers
     if extract_layers != layers:
         say(f"Baselines: also extracting layer {loaded.num_layers} for the model's own prediction", quiet)
@@ -277,9 +280,9 @@ def fit_stage(config: RunConfig, loaded: LoadedModel, prepared: Prepared, source
         fitted.control_labels = fitted.control_task.labels_of(current)
         control_train = torch.from_numpy(fitted.control_labels)[train_rows]
         control_weight = pos_weight_for(control_train, config.pos_weight_cap)
-        fitted.control = {family: dict(zip(layers, fit_family(family, views, control_train, pos_weight=control_weight,
-                                                                **common)))
-                          for family in probes}
+        fitted.control = {family: dict(zip(layers, fit_control(family, views, control_train, list(by_layer.values()),
+                                                                 pos_weight=control_weight, **common)))
+                          for family, by_layer in probes.items()}
         timings["control_task_s"] = time.perf_counter() - t
     if config.mdl:
         t = time.perf_counter()
@@ -287,7 +290,7 @@ def fit_stage(config: RunConfig, loaded: LoadedModel, prepared: Prepared, source
         with tqdm(total=len(layers) * len(probes), desc="Description length (online code)", unit="probe",
                   disable=not progress, dynamic_ncols=True) as bar:
             for layer, view in zip(layers, views):
-                x = view[train_rows.to(view.device)].float()
+                x = view[train_rows.to(view.device)].to(loaded.placement.probes, torch.float32)
                 for family in probes:
                     fitted.mdl[(family, layer)] = description_length(family, x, train_labels, groups=groups,
                                                                      seed=config.seed, config=config)
@@ -311,7 +314,7 @@ def record_stage(config: RunConfig, loaded: LoadedModel, prepared: Prepared, lay
         "layers": layers,
         "dtype": dtype_name(loaded.dtype),
         "device": str(loaded.placement.input),
-        "target": {"text": target.text, "token_id": target.token_id, "token": target.token},
+        "target": target_record(prepared),
         "corpus": prepared.corpus_record(),
         "positions": prepared.positions.counts(),
         "pos_weight": pos_weight,
@@ -333,8 +336,8 @@ def layer_results(config: RunConfig, loaded: LoadedModel, prepared: Prepared, re
         metrics = scored.probe_metrics(layer)
         name = run_name(config, layer, loaded.name)
         probe.meta = ProbeMeta(
-            kind=probe.kind, layer=layer, task=config.task, target=prepared.target.text,
-            target_ids=[prepared.target.token_id], model=ModelIdentity.of(loaded),
+            kind=probe.kind, layer=layer, task=config.task, target=target_name(prepared),
+            target_ids=target_ids(prepared), model=ModelIdentity.of(loaded),
             context_length=config.context_length, dtype=record["dtype"], run_name=name,
             tokenprobe_version=_version(), fit=probe.fit_info, metrics={k: m.to_dict() for k, m in metrics.items()},
             config=record["config"], corpus={k: record["corpus"][k] for k in ("name", "sha256")},
@@ -343,6 +346,32 @@ def layer_results(config: RunConfig, loaded: LoadedModel, prepared: Prepared, re
                                    if save else None, metrics=metrics, l2=probe.fit_info.get("l2"),
                                    **scored.layer_fields(layer)))
     return results
+
+
+def target_name(prepared: Prepared) -> str:
+    """What the probes predict, in a probe file's `target`: the token (" the"), the set ("' the' | ' The'"),
+    or the span labels ("regex:\\d+", "spans:names.jsonl")."""
+    if prepared.target is None:
+        return prepared.labeler.spec.split(" ")[-1]
+    return prepared.target.targets[0].text if len(prepared.target.targets) == 1 else prepared.target.text
+
+
+def target_ids(prepared: Prepared) -> list[int]:
+    return list(prepared.target.token_ids) if prepared.target is not None else []
+
+
+def target_record(prepared: Prepared) -> dict[str, Any]:
+    """The run record's `target`: one token as {text, token_id, token}; a set adds every id and token;
+    span labels say where the labels come from and how many tokens they mark."""
+    if prepared.target is None:
+        base = getattr(prepared.labeler, "base", prepared.labeler)
+        return {"text": target_name(prepared), "labels": base.record(), "question": prepared.labeler.question}
+    first = prepared.target.targets[0]
+    out = {"text": target_name(prepared), "token_id": first.token_id, "token": first.token}
+    if len(prepared.target.targets) > 1:
+        out.update(token_ids=[t.token_id for t in prepared.target.targets],
+                   tokens=[t.token for t in prepared.target.targets])
+    return out
 
 
 def family_files(config: RunConfig, loaded: LoadedModel, prepared: Prepared, record: dict[str, Any],
@@ -359,8 +388,8 @@ def family_files(config: RunConfig, loaded: LoadedModel, prepared: Prepared, rec
                 file = f"probes/{family}-layer{layer:02d}.safetensors"
                 metrics = families.of(family, layer).metrics if families is not None else {}
                 probe.meta = ProbeMeta(
-                    kind=probe.kind, layer=layer, task=config.task, target=prepared.target.text,
-                    target_ids=[prepared.target.token_id], model=ModelIdentity.of(loaded),
+                    kind=probe.kind, layer=layer, task=config.task, target=target_name(prepared),
+                    target_ids=target_ids(prepared), model=ModelIdentity.of(loaded),
                     context_length=config.context_length, dtype=record["dtype"],
                     run_name=run_name(config, layer, loaded.name).replace("probe-", f"probe-{family}-", 1),
                     tokenprobe_version=_version(), fit=probe.fit_info,
@@ -383,8 +412,8 @@ def _fit_summary(config: RunConfig, family: str, probes: list[Probe]) -> str | N
         return (f"Sparse probes: L1 penalty {_span([i['l1'] for i in info])}, keeping "
                 f"{_span([i['kept'] for i in info])} of {probes[0].weight.shape[-1]} dimensions")
     if family == "mlp":
-        return (f"MLP probes (width {config.mlp_width}): best epoch {_span([i['best_epoch'] for i in info])} "
-                f"by balanced accuracy on a fifth of the training chunks")
+        return (f"MLP probes (width {config.mlp_width}): best epoch {_span([i['best_epoch'] for i in info])}; "
+                f"{info[0]['stopping']}")
     return None
 
 

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from tokenprobe.errors import TokenprobeError
 from tokenprobe.probes.base import ProbeMeta, save_probe
 from tokenprobe.probes.lbfgs import ROWS_IN_CACHE
 
@@ -55,8 +56,9 @@ class MeanDiffProbe:
     def fit(self, x: torch.Tensor, y: torch.Tensor, *, groups: torch.Tensor | None = None, seed: int = 0,
             pos_weight: float = 1.0, **opts) -> MeanDiffProbe:
         """Fits on (n, hidden) hidden states and (n,) 0/1 labels; returns self (see fit_mean_diff_probes)."""
-        fitted = fit_mean_diff_probes([x], y, groups=groups, seed=seed, pos_weight=pos_weight, device=x.device,
-                                      progress=False, **opts)[0]
+        opts.setdefault("device", x.device)
+        fitted = fit_mean_diff_probes([x], y, groups=groups, seed=seed, pos_weight=pos_weight, progress=False,
+                                      **opts)[0]
         self.mean_diff, self.threshold, self.slope = fitted.mean_diff, fitted.threshold, fitted.slope
         self.fit_info = fitted.fit_info
         return self
@@ -152,7 +154,8 @@ def fit_mean_diff_probes(
     positive = y.to(device) > 0.5
     positives = int(positive.sum())
     if positives == 0 or positives == n:
-        raise ValueError("a mean-difference probe needs both classes among its training positions")
+        raise TokenprobeError("a mean-difference probe needs both classes among its training positions "
+                              f"(all {n:,} are {'positive' if positives else 'negative'}); use more data")
     # one column per class, each summing to 1: (x.T @ means)[:, 0] is mu_pos, [:, 1] mu_neg
     means = torch.stack([positive.to(torch.float64) / positives, (~positive).to(torch.float64) / (n - positives)], 1)
     labels = positive.cpu().numpy()

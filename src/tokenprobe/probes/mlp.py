@@ -49,7 +49,7 @@ MIN_STEPS_PER_EPOCH = 64  # so that a few hundred rows still get enough steps pe
 MIN_BATCH_SIZE = 16
 MAX_EPOCHS = 20
 LR_DECAY = 0.5  # the learning rate's factor after each epoch without a better validation score
-PATIENCE = 3  # epochs without a better validation score before training stops
+PATIENCE = 2  # epochs without a better validation score before training stops
 FALLBACK_EPOCHS = 10  # on all rows, when the training chunks cannot be split (one chunk, or one class aside)
 SELECT = ("balanced_accuracy", "log_loss")  # what picks the best epoch (see fit_mlp_probes)
 SCORE_ROWS = 4096  # rows scored at a time: bounds the (rows, width) temporary
@@ -328,7 +328,8 @@ def _fit_layer(layer_x: torch.Tensor, y: torch.Tensor, rows: torch.Tensor | None
             "stopping": (f"best {s.select.replace('_', ' ')} on {len(held):,} training positions set aside (by chunk)"
                          if held is not None else
                          f"fallback: the training rows could not be split; {ran} epochs on all rows")}
-    return MLPProbe(mean, scale, *kept, activation=s.activation, fit_info=info)
+    # on the CPU like every family's fitted probe (the fit itself ran on `device`)
+    return MLPProbe(mean.cpu(), scale.cpu(), *(t.cpu() for t in kept), activation=s.activation, fit_info=info)
 
 
 def _better(score: tuple[float, float], best: tuple[float, float], select: str) -> bool:

@@ -110,12 +110,20 @@ def render_markdown(results: dict[str, Any], plot_name: str | None = PLOT, title
     lines: list[str] = []
     if title:
         lines += [f"# tokenprobe report: {run.get('sweep_name', '')}", ""]
-    target = run.get("target", {}).get("text", config.get("target"))
-    question = ("will the next token be" if config.get("task") == "next" else "is this token")
+    record = run.get("target", {})
+    target = record.get("text", config.get("target"))
+    task = str(config.get("task"))
+    if "labels" in record:  # span labels: the run says its own question
+        asked = f"{record.get('question', target)}?"
+    else:
+        question = {"next": "will the next token be", "current": "is this token"}.get(
+            task, f"will the token {task.removeprefix('ahead:')} ahead be")
+        shown = f"any of {target}" if len(record.get("token_ids", [])) > 1 else repr(target)
+        asked = f"{question} {shown}?"
     resamples = comparisons.get("resamples") or run.get("intervals", {}).get("resamples") or 0
     lines += [
         f"Model `{run['model']['name']}` ({run.get('dtype')}), corpus `{run['corpus']['name']}`, task "
-        f"`{config.get('task')}`: {question} {target!r}? Context {config.get('context_length')} tokens; "
+        f"`{config.get('task')}`: {asked} Context {config.get('context_length')} tokens; "
         f"{_count(positions.get('train', {}).get('positions', 0), 'training position')}; "
         f"{_count(positions.get('eval', {}).get('positions', 0), 'held-out position')} (balanced) from "
         f"{_count(positions.get('eval', {}).get('chunks', 0), 'held-out chunk')}, plus "

@@ -21,8 +21,8 @@ def num(value: Any) -> float:
 # What tells runs apart, most telling first: the question, the data and the model; then the rest of the
 # configuration (layers, seed, ...), named only when that is all that differs. Bookkeeping never counts.
 PRIMARY_FACETS = ("model", "task", "target", "corpus", "context")
-_NOT_A_DIFFERENCE = {"model", "corpus", "task", "target", "target_id", "context_length", "layers", "wandb",
-                     "wandb_project"}
+_NOT_A_DIFFERENCE = {"model", "corpus", "task", "target", "target_id", "labels", "label_regex", "context_length",
+                     "layers", "wandb", "wandb_project"}
 
 
 def _short(name: str) -> str:
@@ -47,7 +47,10 @@ def _facets(results: dict[str, Any]) -> tuple[dict[str, str], dict[str, str]]:
     run = results["run"]
     config = run.get("config", {})
     target = run.get("target", {}).get("text", config.get("target", ""))
-    primary = {"model": str(run["model"]["name"]), "task": str(config.get("task", "")), "target": repr(target),
+    # one token by its repr (' the'); a set ("' the' | ' The'") or span labels ("regex:\\d+") as written
+    named = target if len(run.get("target", {}).get("token_ids", [])) > 1 or "labels" in run.get("target", {}) \
+        else repr(target)
+    primary = {"model": str(run["model"]["name"]), "task": str(config.get("task", "")), "target": named,
                "corpus": str(run["corpus"]["name"]), "context": str(config.get("context_length"))}
     layers = run.get("layers") or [r["layer"] for r in results.get("layers", [])]
     secondary = {"layers": _layer_list(list(layers))}
@@ -99,11 +102,6 @@ def plot_title(runs: list[tuple[Path, dict[str, Any]]]) -> str:
     if len(runs) == 1:
         return f"tokenprobe: {shared}"
     return f"tokenprobe: {shared} ({len(runs)} runs)" if shared else f"tokenprobe: {len(runs)} runs"
-
-
-def run_labels(runs: list[tuple[Path, dict[str, Any]]]) -> list[str]:
-    """Short labels naming only what differs between the runs (see `compare_runs`)."""
-    return compare_runs(runs)[1]
 
 
 def has_intervals(runs: list[tuple[Path, dict[str, Any]]]) -> bool:

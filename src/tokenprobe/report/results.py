@@ -10,7 +10,7 @@ from typing import Any
 
 from tokenprobe.analysis.metrics import BaselineResult, BinaryMetrics, Intervals, LayerResult, flat_metrics
 from tokenprobe.files import atomic_write_bytes, json_safe, write_json
-from tokenprobe.report.families import format_families_table, write_families_csv  # noqa: F401 (the pipeline's)
+from tokenprobe.report.families import write_families_csv
 from tokenprobe.vocabulary import EVAL, EVAL_NATURAL, SET_DESCRIPTIONS, best_index
 
 

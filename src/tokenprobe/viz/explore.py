@@ -325,7 +325,10 @@ def visualize(
     probabilities = np.empty((len(probes), len(prep.token_ids)), dtype=np.float32)
     for t, (c, pos) in enumerate(zip(prep.token_chunk, prep.token_pos)):
         probabilities[:, t] = per_chunk[c][:, pos]
-    labels = token_labels(make_labeler(meta.task, meta.target_ids), prep.token_ids, prep.next_ids)
+    if meta.target_ids and meta.task in ("next", "current"):
+        labels = token_labels(make_labeler(meta.task, meta.target_ids), prep.token_ids, prep.next_ids)
+    else:  # span labels (--labels, --label-regex) and ahead:K: the page shows no truth (yet)
+        labels = [None] * len(prep.token_ids)
 
     data = page_data(probes, prep, probabilities, labels)
     path = None
