@@ -162,7 +162,7 @@ def test_model_probability_runs_once_per_position_shared_by_two_sets(loaded_mode
 
     monkeypatch.setattr(Unembedding, "target_probability", spy)
     prepared = SimpleNamespace(positions=positions, chunks=ids, labels=labels, valid=valid,
-                               split=SimpleNamespace(train=np.array([0, 1])), target=SimpleNamespace(token_id=target))
+                               split=SimpleNamespace(train=np.array([0, 1])), target=SimpleNamespace(token_ids=(target,)))
     made = baselines.compute_baselines(loaded, prepared, acts, [], seed=0)
     scores = made.scorers[baseline_key(MODEL)].scores
     # Held out: 5 rows, 3 distinct positions; threshold sample: 3 training rows (as many as the balanced set).
