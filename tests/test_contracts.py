@@ -212,3 +212,25 @@ def test_reading_files_needs_no_torch():
             "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+@pytest.mark.parametrize("kind", sorted(FAMILIES))
+def test_a_probe_file_with_wrong_shapes_is_a_corrupt_file(kind, tmp_path):
+    """Every family checks its tensors' shapes when loading: a mangled file fails there, in one line,
+    not later inside predict_proba."""
+    from safetensors.torch import save_file
+
+    x, y = _problem()
+    probe = family(kind)().fit(x, y)
+    probe.meta = _meta(kind, x.shape[1])
+    path = tmp_path / "p.safetensors"
+    probe.save(path)
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        header, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    first_vector = next(k for k, t in sorted(tensors.items()) if t.dim() >= 1)
+    tensors[first_vector] = torch.cat([tensors[first_vector], tensors[first_vector]], dim=-1)  # another width
+    save_file(tensors, str(path), metadata=header)
+    with pytest.raises(TokenprobeError, match="corrupt probe file"):
+        load_probe(path)

@@ -269,7 +269,8 @@ def test_families_plot_panels(monkeypatch, tmp_path):
         seen["axes"] = [ax.get_title() for ax in fig.axes]
         seen["legend"] = [[t.get_text() for t in ax.get_legend().get_texts()] for ax in fig.axes]
         seen["lines"] = [[(line.get_linestyle(), line.get_color()) for line in ax.get_lines()] for ax in fig.axes]
-        Path(path).write_bytes(b"\x89PNG\r\n\x1a\n")
+        png = b"\x89PNG\r\n\x1a\n"
+        path.write(png) if hasattr(path, "write") else Path(path).write_bytes(png)  # a buffer or a file
 
     monkeypatch.setattr(matplotlib.figure.Figure, "savefig", savefig)
     results = {"run": {"model": {"name": "m"}, "corpus": {"name": "c"}, "config": {}}, "layers": []}

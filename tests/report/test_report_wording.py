@@ -49,7 +49,8 @@ def _drawn(monkeypatch, runs, tmp_path) -> tuple[str, list[str], list[str]]:
         seen["title"] = fig._suptitle.get_text()
         seen["axes"] = [ax.get_title() for ax in fig.axes]
         seen["legend"] = [t.get_text() for ax in fig.axes for t in ax.get_legend().get_texts()]
-        Path(path).write_bytes(b"\x89PNG\r\n\x1a\n")
+        png = b"\x89PNG\r\n\x1a\n"
+        path.write(png) if hasattr(path, "write") else Path(path).write_bytes(png)  # a buffer or a file
 
     monkeypatch.setattr(matplotlib.figure.Figure, "savefig", savefig)
     plot_module.plot(runs, tmp_path / "plot.png")

@@ -143,7 +143,8 @@ def score_families(prepared: Prepared, source: ActivationSource, fitted: dict[st
                                  fit=dict(getattr(probe, "fit_info", {}) or {}),
                                  mdl=(mdl or {}).get((family, layer)))
             if family != primary:
-                result.minus_primary = {m: paired_difference(task, key, task, family_key(primary, layer), PRIMARY_SET, m)
+                result.minus_primary = {m: paired_difference(task, key, task, family_key(primary, layer),
+                                                             PRIMARY_SET, m)
                                         for m in COMPARED_METRICS}
             if control is not None and key in control.metrics:
                 result.control = control.metrics[key][PRIMARY_SET]

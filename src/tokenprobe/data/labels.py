@@ -268,7 +268,8 @@ def _uniform(token_ids: np.ndarray, seed: int) -> np.ndarray:
     """A uniform [0, 1) number per token id and seed (splitmix64): the same id always gets the same one,
     whatever corpus, vocabulary size or order the ids come in."""
     with np.errstate(over="ignore"):
-        x = np.asarray(token_ids, dtype=np.uint64) * _GOLDEN + np.uint64(seed & 0xFFFFFFFF) * np.uint64(0xD1B54A32D192ED03)
+        salt = np.uint64(seed & 0xFFFFFFFF) * np.uint64(0xD1B54A32D192ED03)
+        x = np.asarray(token_ids, dtype=np.uint64) * _GOLDEN + salt
         x ^= x >> np.uint64(30)
         x *= np.uint64(0xBF58476D1CE4E5B9)
         x ^= x >> np.uint64(27)

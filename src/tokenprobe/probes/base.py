@@ -234,6 +234,25 @@ def probe_files(sources: list[str | Path]) -> list[Path]:
     return files
 
 
+def check_shapes(tensors: dict[str, Any], vectors: tuple[str, ...], scalars: tuple[str, ...] = (),
+                 width: int = 0) -> None:
+    """A probe file's tensors have the shapes its family needs: `vectors` all (width,) (the model's
+    width, where the metadata gives one), `scalars` (); a ValueError otherwise (load_probe reports it
+    as a corrupt file)."""
+    missing = [k for k in (*vectors, *scalars) if k not in tensors]
+    if missing:
+        raise ValueError(f"missing tensor {missing[0]!r}")
+    shapes = {tuple(tensors[k].shape) for k in vectors}
+    if len(shapes) != 1 or len(next(iter(shapes))) != 1:
+        raise ValueError(f"tensors {', '.join(vectors)} must be vectors of one width, got "
+                         f"{', '.join(f'{k} {tuple(tensors[k].shape)}' for k in vectors)}")
+    if width and next(iter(shapes)) != (width,):
+        raise ValueError(f"tensors {', '.join(vectors)} have width {next(iter(shapes))[0]}, the model {width}")
+    bad = [k for k in scalars if tuple(tensors[k].shape) != ()]
+    if bad:
+        raise ValueError(f"tensor {bad[0]!r} must be a scalar, got shape {tuple(tensors[bad[0]].shape)}")
+
+
 def load_probe(path: Path) -> Probe:
     """Loads a probe file of any family, with its metadata (safetensors: no code runs on load)."""
     meta = read_probe_meta(path)

@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 import torch
 from tqdm.auto import tqdm
 
-from tokenprobe.probes.base import ProbeMeta, save_probe
+from tokenprobe.probes.base import ProbeMeta, check_shapes, save_probe
 from tokenprobe.probes.lbfgs import ProbeFitter, standardised_logits
 from tokenprobe.probes.selection import L2_FALLBACK, L2Chooser, validation_split
 
@@ -72,6 +72,8 @@ class LinearProbe:
 
     @classmethod
     def from_tensors(cls, tensors: dict[str, torch.Tensor], meta: ProbeMeta) -> LinearProbe:
+        check_shapes(tensors, ("weight", "mean", "scale"), ("bias",),
+                     width=meta.model.hidden_size if meta is not None else 0)
         return cls(**{k: tensors[k] for k in TENSORS}, meta=meta, fit_info=dict(meta.fit))
 
     def save(self, path) -> None:

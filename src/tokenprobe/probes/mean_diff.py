@@ -19,7 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from tokenprobe.errors import TokenprobeError
-from tokenprobe.probes.base import ProbeMeta, save_probe
+from tokenprobe.probes.base import ProbeMeta, check_shapes, save_probe
 from tokenprobe.probes.lbfgs import ROWS_IN_CACHE
 
 TENSORS = ("mean_diff", "threshold", "slope")
@@ -96,6 +96,8 @@ class MeanDiffProbe:
 
     @classmethod
     def from_tensors(cls, tensors: dict[str, torch.Tensor], meta: ProbeMeta) -> MeanDiffProbe:
+        check_shapes(tensors, ("mean_diff",), ("threshold", "slope"),
+                     width=meta.model.hidden_size if meta is not None else 0)
         return cls(**{k: tensors[k] for k in TENSORS}, meta=meta, fit_info=dict(meta.fit))
 
     def save(self, path) -> None:

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from tokenprobe.probes.base import ProbeMeta, save_probe
+from tokenprobe.probes.base import ProbeMeta, check_shapes, save_probe
 from tokenprobe.probes.lbfgs import ProbeFitter, Solution, standardised_logits
 from tokenprobe.probes.selection import PATIENCE, validation_split
 
@@ -84,6 +84,8 @@ class SparseProbe:
 
     @classmethod
     def from_tensors(cls, tensors: dict[str, torch.Tensor], meta: ProbeMeta) -> SparseProbe:
+        check_shapes(tensors, ("weight", "mean", "scale"), ("bias",),
+                     width=meta.model.hidden_size if meta is not None else 0)
         return cls(**{k: tensors[k] for k in TENSORS}, meta=meta, fit_info=dict(meta.fit))
 
     def save(self, path) -> None:

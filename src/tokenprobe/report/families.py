@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from tokenprobe.files import atomic_write_bytes, json_safe
-from tokenprobe.report.plot import num
+from tokenprobe.report.plot import num, save_figure
 from tokenprobe.vocabulary import best_index
 
 FAMILIES_PLOT = "families.png"
@@ -461,11 +461,7 @@ def plot_families(results: dict[str, Any], path: Path, title: str | None = None)
         ax.legend(fontsize=8, loc="best")
     fig.suptitle(title if title is not None else plot_title([(path.parent, results)]) + ": probe families",
                  fontsize=11)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    tmp.replace(path)
+    save_figure(fig, path)
 
 
 # ---------------------------------------------------------------------------------------------- the CSV

@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from tokenprobe.files import atomic_write_bytes
 from tokenprobe.vocabulary import BASELINE_LABELS
 
 PLOT = "plot.png"
@@ -110,6 +111,21 @@ def has_intervals(runs: list[tuple[Path, dict[str, Any]]]) -> bool:
                for metric, _ in METRICS)
 
 
+def save_figure(fig, path: Path) -> None:
+    """The figure as a PNG, written atomically (rendered in memory first: a failed render leaves no
+    file, and the figure is closed whatever happens)."""
+    import io
+
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    try:
+        fig.savefig(buffer, format="png", dpi=120)
+    finally:
+        plt.close(fig)
+    atomic_write_bytes(Path(path), buffer.getvalue())
+
+
 def plot(runs: list[tuple[Path, dict[str, Any]]], path: Path) -> None:
     """Probe balanced accuracy and AUROC per layer with 95% bands; the baselines as lines."""
     import matplotlib
@@ -169,8 +185,4 @@ def plot(runs: list[tuple[Path, dict[str, Any]]], path: Path) -> None:
             ax.set_xticks(all_x)
         ax.legend(fontsize=8, loc="lower right")
     fig.suptitle(plot_title(runs), fontsize=11)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    tmp.replace(path)
+    save_figure(fig, path)
