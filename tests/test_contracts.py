@@ -234,3 +234,10 @@ def test_a_probe_file_with_wrong_shapes_is_a_corrupt_file(kind, tmp_path):
     save_file(tensors, str(path), metadata=header)
     with pytest.raises(TokenprobeError, match="corrupt probe file"):
         load_probe(path)
+
+
+@pytest.mark.parametrize("kind", sorted(FAMILIES))
+def test_every_family_fits_on_a_named_device_and_returns_cpu_tensors(kind):
+    x, y = _problem()
+    probe = family(kind)().fit(x, y, device="cpu", seed=1)
+    assert all(t.device.type == "cpu" for t in probe.tensors().values())

@@ -44,9 +44,11 @@ class LinearProbe:
         return self.meta.to_dict() if self.meta else dict(self.fit_info)
 
     def fit(self, x: torch.Tensor, y: torch.Tensor, *, l2: float | str = "auto", pos_weight: float = 1.0,
-            max_iter: int = 300, groups: torch.Tensor | None = None, seed: int = 0) -> LinearProbe:
-        """Fits on (n, hidden) hidden states and (n,) 0/1 labels; returns self (see fit_linear_probes)."""
-        fitted = fit_linear_probes([x], y, l2=l2, pos_weight=pos_weight, max_iter=max_iter, device=x.device,
+            max_iter: int = 300, groups: torch.Tensor | None = None, seed: int = 0,
+            device: torch.device | str | None = None) -> LinearProbe:
+        """Fits on (n, hidden) hidden states and (n,) 0/1 labels, on `device` (default: x's); returns
+        self (see fit_linear_probes)."""
+        fitted = fit_linear_probes([x], y, l2=l2, pos_weight=pos_weight, max_iter=max_iter, device=device or x.device,
                                    progress=False, groups=groups, seed=seed)[0]
         self.weight, self.bias, self.mean, self.scale = fitted.weight, fitted.bias, fitted.mean, fitted.scale
         self.fit_info = fitted.fit_info
