@@ -304,7 +304,6 @@ def record_stage(config: RunConfig, loaded: LoadedModel, prepared: Prepared, lay
                  stats: ExtractionStats, pos_weight: float, timings: dict[str, float],
                  scored: RunEvaluation) -> dict[str, Any]:
     """The run record (run.json): what was asked, what was resolved, what it cost."""
-    target = prepared.target
     return {
         "config": config.to_dict(),
         "sweep_name": sweep_name(config, loaded.name),

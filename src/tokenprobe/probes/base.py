@@ -148,6 +148,40 @@ class Probe(Protocol):
     def from_tensors(cls, tensors: dict[str, Any], meta: ProbeMeta): ...
 
 
+class ProbeBase:
+    """What every family shares beyond its tensors and its logits: its layer and flat metadata,
+    probabilities and decisions from `decision_function`, saving, and the model check."""
+
+    meta: ProbeMeta | None
+    fit_info: dict[str, Any]
+
+    @property
+    def layer(self) -> int | None:
+        return self.meta.layer if self.meta else None
+
+    @property
+    def metadata(self) -> dict[str, Any]:
+        """The file's metadata as a flat dict (``metadata["layer"]``, ``metadata["metrics"]``, ...)."""
+        return self.meta.to_dict() if self.meta else dict(self.fit_info)
+
+    def predict_proba(self, hidden, out=None):
+        """Probability that the label is positive, float32, shape (...); `out`: see `decision_function`."""
+        import torch
+
+        return torch.sigmoid(self.decision_function(hidden, out))
+
+    def predict(self, hidden, threshold: float = 0.5):
+        return self.predict_proba(hidden) >= threshold
+
+    def save(self, path) -> None:
+        save_probe(self, path)
+
+    def check_compatible(self, loaded) -> None:
+        """Refuses a model or tokenizer other than the one this probe was trained on."""
+        if self.meta is not None:
+            self.meta.model.check(loaded)
+
+
 def probe_header(probe: Probe) -> dict[str, str]:
     """The safetensors metadata of a probe file."""
     header = {"format": FORMAT, "format_version": FORMAT_VERSION, **(probe.meta.to_dict() if probe.meta else {}),

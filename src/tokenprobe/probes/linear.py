@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 import torch
 from tqdm.auto import tqdm
 
-from tokenprobe.probes.base import ProbeMeta, check_shapes, save_probe
+from tokenprobe.probes.base import ProbeBase, ProbeMeta, check_shapes
 from tokenprobe.probes.lbfgs import ProbeFitter, standardised_logits
 from tokenprobe.probes.selection import L2_FALLBACK, L2Chooser, validation_split
 
@@ -23,7 +23,7 @@ TENSORS = ("weight", "bias", "mean", "scale")
 
 
 @dataclass
-class LinearProbe:
+class LinearProbe(ProbeBase):
     """logit = ((x - mean) * scale) . weight + bias, for hidden states x of one layer."""
 
     weight: torch.Tensor | None = None  # (hidden,)
@@ -33,15 +33,6 @@ class LinearProbe:
     meta: ProbeMeta | None = None  # set when the probe belongs to a run, and read from its file
     fit_info: dict[str, Any] = field(default_factory=dict)  # how it was fitted: l2, l2_method, l2_path
     kind: ClassVar[str] = "linear"
-
-    @property
-    def layer(self) -> int | None:
-        return self.meta.layer if self.meta else None
-
-    @property
-    def metadata(self) -> dict[str, Any]:
-        """The file's metadata as a flat dict (``metadata["layer"]``, ``metadata["metrics"]``, ...)."""
-        return self.meta.to_dict() if self.meta else dict(self.fit_info)
 
     def fit(self, x: torch.Tensor, y: torch.Tensor, *, l2: float | str = "auto", pos_weight: float = 1.0,
             max_iter: int = 300, groups: torch.Tensor | None = None, seed: int = 0,
@@ -58,13 +49,6 @@ class LinearProbe:
         """Logits for hidden states of shape (..., hidden); `out`: see `standardised_logits`."""
         return standardised_logits(hidden, self.mean, self.scale, self.weight, self.bias, out)
 
-    def predict_proba(self, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        """Probability that the label is positive, float32, shape (...). `out`: see `decision_function`."""
-        return torch.sigmoid(self.decision_function(hidden, out))
-
-    def predict(self, hidden: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
-        return self.predict_proba(hidden) >= threshold
-
     def direction(self) -> torch.Tensor:
         """The probe's direction in the residual stream: the logit is ``x . direction`` plus a constant."""
         return self.weight * self.scale
@@ -78,13 +62,6 @@ class LinearProbe:
                      width=meta.model.hidden_size if meta is not None else 0)
         return cls(**{k: tensors[k] for k in TENSORS}, meta=meta, fit_info=dict(meta.fit))
 
-    def save(self, path) -> None:
-        save_probe(self, path)
-
-    def check_compatible(self, loaded) -> None:
-        """Refuses a model or tokenizer other than the one this probe was trained on."""
-        if self.meta is not None:
-            self.meta.model.check(loaded)
 
 
 def pos_weight_for(labels: torch.Tensor, cap: float) -> float:

@@ -19,7 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from tokenprobe.errors import TokenprobeError
-from tokenprobe.probes.base import ProbeMeta, check_shapes, save_probe
+from tokenprobe.probes.base import ProbeBase, ProbeMeta, check_shapes
 from tokenprobe.probes.lbfgs import ROWS_IN_CACHE
 
 TENSORS = ("mean_diff", "threshold", "slope")
@@ -28,7 +28,7 @@ MIN_SLOPE = 1e-6  # the same units: where the fitted slope is not positive (no s
 
 
 @dataclass
-class MeanDiffProbe:
+class MeanDiffProbe(ProbeBase):
     """logit = slope * (x . mean_diff - threshold), for raw hidden states x of one layer.
 
     ``mean_diff`` is mu_pos - mu_neg of the training positions, in the residual stream's own
@@ -43,15 +43,6 @@ class MeanDiffProbe:
     meta: ProbeMeta | None = None  # set when the probe belongs to a run, and read from its file
     fit_info: dict[str, Any] = field(default_factory=dict)  # threshold, slope, how they were chosen
     kind: ClassVar[str] = "mean-diff"
-
-    @property
-    def layer(self) -> int | None:
-        return self.meta.layer if self.meta else None
-
-    @property
-    def metadata(self) -> dict[str, Any]:
-        """The file's metadata as a flat dict (``metadata["layer"]``, ``metadata["threshold"]``, ...)."""
-        return self.meta.to_dict() if self.meta else dict(self.fit_info)
 
     def fit(self, x: torch.Tensor, y: torch.Tensor, *, groups: torch.Tensor | None = None, seed: int = 0,
             pos_weight: float = 1.0, **opts) -> MeanDiffProbe:
@@ -79,13 +70,6 @@ class MeanDiffProbe:
         projection = self.projection(hidden, out)
         return (projection - self.threshold.to(projection.device)) * self.slope.to(projection.device)
 
-    def predict_proba(self, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        """Probability that the label is positive, float32, shape (...). `out`: see `projection`."""
-        return torch.sigmoid(self.decision_function(hidden, out))
-
-    def predict(self, hidden: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
-        return self.predict_proba(hidden) >= threshold
-
     def direction(self) -> torch.Tensor:
         """The probe's direction in the residual stream, ``slope * mean_diff``: the logit is ``x . direction``
         plus a constant, as for every family. It points along mu_pos - mu_neg (`mean_diff` itself)."""
@@ -100,13 +84,6 @@ class MeanDiffProbe:
                      width=meta.model.hidden_size if meta is not None else 0)
         return cls(**{k: tensors[k] for k in TENSORS}, meta=meta, fit_info=dict(meta.fit))
 
-    def save(self, path) -> None:
-        save_probe(self, path)
-
-    def check_compatible(self, loaded) -> None:
-        """Refuses a model or tokenizer other than the one this probe was trained on."""
-        if self.meta is not None:
-            self.meta.model.check(loaded)
 
 
 def fit_mean_diff_probes(

@@ -31,7 +31,7 @@ import torch
 from tqdm.auto import tqdm
 
 from tokenprobe.errors import TokenprobeError
-from tokenprobe.probes.base import ProbeMeta, save_probe
+from tokenprobe.probes.base import ProbeBase, ProbeMeta
 from tokenprobe.probes.selection import validation_split
 
 TENSORS = ("mean", "scale", "hidden_weight", "hidden_bias", "output_weight", "output_bias")
@@ -56,7 +56,7 @@ SCORE_ROWS = 4096  # rows scored at a time: bounds the (rows, width) temporary
 
 
 @dataclass
-class MLPProbe:
+class MLPProbe(ProbeBase):
     """A one-hidden-layer probe of one layer's hidden states (see the module's docstring)."""
 
     mean: torch.Tensor | None = None  # (hidden,)
@@ -69,15 +69,6 @@ class MLPProbe:
     meta: ProbeMeta | None = None  # set when the probe belongs to a run, and read from its file
     fit_info: dict[str, Any] = field(default_factory=dict)  # width, dropout, epochs, best epoch, ...
     kind: ClassVar[str] = "mlp"
-
-    @property
-    def layer(self) -> int | None:
-        return self.meta.layer if self.meta else None
-
-    @property
-    def metadata(self) -> dict[str, Any]:
-        """The file's metadata as a flat dict (``metadata["layer"]``, ``metadata["metrics"]``, ...)."""
-        return self.meta.to_dict() if self.meta else dict(self.fit_info)
 
     @property
     def width(self) -> int | None:
@@ -114,13 +105,6 @@ class MLPProbe:
             logits[rows] = act(torch.addmm(b1, z, w1.T)) @ w2 + b2
         return logits.reshape(shape)
 
-    def predict_proba(self, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        """Probability that the label is positive, float32, shape (...). `out`: see `decision_function`."""
-        return torch.sigmoid(self.decision_function(hidden, out))
-
-    def predict(self, hidden: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
-        return self.predict_proba(hidden) >= threshold
-
     def direction(self) -> None:
         """None: an MLP has no single direction in the residual stream."""
         return None
@@ -148,13 +132,6 @@ class MLPProbe:
         _activation(activation)
         return cls(**values, activation=activation, meta=meta, fit_info=dict(meta.fit))
 
-    def save(self, path) -> None:
-        save_probe(self, path)
-
-    def check_compatible(self, loaded) -> None:
-        """Refuses a model or tokenizer other than the one this probe was trained on."""
-        if self.meta is not None:
-            self.meta.model.check(loaded)
 
 
 def _activation(name: str):

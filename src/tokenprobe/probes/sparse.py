@@ -10,43 +10,28 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from tokenprobe.probes.base import ProbeMeta, check_shapes, save_probe
 from tokenprobe.probes.lbfgs import ProbeFitter, Solution, standardised_logits
+from tokenprobe.probes.linear import TENSORS, LinearProbe  # noqa: F401 (TENSORS: the same file layout)
 from tokenprobe.probes.selection import PATIENCE, validation_split
 
-TENSORS = ("weight", "bias", "mean", "scale")
 L1_PATH = (0.3, 0.1, 0.03, 0.01, 3e-3, 1e-3, 3e-4, 1e-4)  # tried from the strongest down
 L1_FALLBACK = 1e-3  # for l1="auto" when the training rows cannot be split (one group, or one class aside)
 KEPT_DIMS = 50  # fit_info["kept_dims"] lists at most this many of the kept dimensions, largest |weight| first
 
 
 @dataclass
-class SparseProbe:
-    """logit = ((x - mean) * scale) . weight + bias, for hidden states x of one layer; `weight` is sparse."""
+class SparseProbe(LinearProbe):
+    """A linear probe whose `weight` is sparse: logit = ((x - mean) * scale) . weight + bias, fitted with an
+    L1 penalty (its tensors, file layout, logits and direction are the linear probe's)."""
 
-    weight: torch.Tensor | None = None  # (hidden,), mostly exact zeros
-    bias: torch.Tensor | None = None  # ()
-    mean: torch.Tensor | None = None  # (hidden,)
-    scale: torch.Tensor | None = None  # (hidden,) = 1 / std
-    meta: ProbeMeta | None = None  # set when the probe belongs to a run, and read from its file
-    fit_info: dict[str, Any] = field(default_factory=dict)  # l1, l1_method, l1_path, l1_path_kept, kept, kept_dims
-    kind: ClassVar[str] = "sparse"
-
-    @property
-    def layer(self) -> int | None:
-        return self.meta.layer if self.meta else None
-
-    @property
-    def metadata(self) -> dict[str, Any]:
-        """The file's metadata as a flat dict (``metadata["layer"]``, ``metadata["kept"]``, ...)."""
-        return self.meta.to_dict() if self.meta else dict(self.fit_info)
+    kind: ClassVar[str] = "sparse"  # fit_info: l1, l1_method, l1_path, l1_path_kept, kept, kept_dims
 
     def fit(self, x: torch.Tensor, y: torch.Tensor, *, groups: torch.Tensor | None = None, seed: int = 0,
             pos_weight: float = 1.0, **opts) -> SparseProbe:
@@ -58,43 +43,9 @@ class SparseProbe:
         self.fit_info = fitted.fit_info
         return self
 
-    def decision_function(self, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits (float32) for hidden states of shape (..., hidden), any float dtype; `out`: see
-        `standardised_logits` (a float32 scratch buffer shaped like `hidden`)."""
-        return standardised_logits(hidden, self.mean, self.scale, self.weight, self.bias, out)
-
-    def predict_proba(self, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        """Probability that the label is positive, float32, shape (...). `out`: see `decision_function`."""
-        return torch.sigmoid(self.decision_function(hidden, out))
-
-    def predict(self, hidden: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
-        return self.predict_proba(hidden) >= threshold
-
-    def direction(self) -> torch.Tensor:
-        """The probe's direction in the residual stream: the logit is ``x . direction`` plus a constant
-        (zero outside the kept dimensions)."""
-        return self.weight * self.scale
-
     def kept_dims(self) -> torch.Tensor:
         """Every kept (nonzero-weight) dimension, largest |weight| (standardised) first."""
         return _kept_order(self.weight)
-
-    def tensors(self) -> dict[str, torch.Tensor]:
-        return {k: getattr(self, k).detach().to("cpu", torch.float32).contiguous() for k in TENSORS}
-
-    @classmethod
-    def from_tensors(cls, tensors: dict[str, torch.Tensor], meta: ProbeMeta) -> SparseProbe:
-        check_shapes(tensors, ("weight", "mean", "scale"), ("bias",),
-                     width=meta.model.hidden_size if meta is not None else 0)
-        return cls(**{k: tensors[k] for k in TENSORS}, meta=meta, fit_info=dict(meta.fit))
-
-    def save(self, path) -> None:
-        save_probe(self, path)
-
-    def check_compatible(self, loaded) -> None:
-        """Refuses a model or tokenizer other than the one this probe was trained on."""
-        if self.meta is not None:
-            self.meta.model.check(loaded)
 
 
 def _kept_order(weight: torch.Tensor) -> torch.Tensor:
