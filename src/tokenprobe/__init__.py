@@ -24,6 +24,11 @@ _LAZY = {
     "ProbeSet": "tokenprobe.pipelines.apply",
     "RunResult": "tokenprobe.pipelines.train",
     "train": "tokenprobe.pipelines.train",
+    "scan": "tokenprobe.pipelines.scan",
+    "ScanOptions": "tokenprobe.pipelines.scan",
+    "evaluate_run": "tokenprobe.pipelines.evaluate",
+    "ablate": "tokenprobe.pipelines.ablate",
+    "AblateOptions": "tokenprobe.pipelines.ablate",
 }
 
 
@@ -39,6 +44,7 @@ def __getattr__(name: str):
 
 __all__ = [
     "__version__",
+    "AblateOptions",
     "Activations",
     "LinearProbe",
     "LoadedModel",
@@ -46,10 +52,14 @@ __all__ = [
     "ProbeSet",
     "RunConfig",
     "RunResult",
+    "ScanOptions",
     "TokenprobeError",
+    "ablate",
     "activations",
+    "evaluate_run",
     "load_model",
     "load_probe",
     "load_probes",
+    "scan",
     "train",
 ]

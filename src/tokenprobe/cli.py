@@ -1,4 +1,4 @@
-"""The `tokenprobe` command line: `train`, `inspect` and `viz`."""
+"""The `tokenprobe` command line: `train`, `scan`, `eval`, `ablate`, `inspect`, `report` and `viz`."""
 
 from __future__ import annotations
 
@@ -37,6 +37,61 @@ def _cmd_train(args: argparse.Namespace) -> int:
     print(f"\nbest layer {best.layer}: balanced accuracy {best.primary.balanced_accuracy:.3f}, "
           f"AUROC {best.primary.auroc:.3f} on {best.primary.n:,} held-out positions")
     print(f"run written to {result.out_dir}")
+    return 0
+
+
+def _cmd_scan(args: argparse.Namespace) -> int:
+    from tokenprobe.pipelines.scan import ScanOptions, scan
+
+    if not args.debug:
+        _quiet_transformers()
+    chosen = args.targets_file is not None or args.target_ids
+    if chosen and args.top is not None:
+        raise TokenprobeError("give --top N (the most frequent tokens) or --targets-file / --target-ids, not both")
+    options = ScanOptions(top=None if chosen else (100 if args.top is None else args.top), targets_file=args.targets_file,
+                          target_ids=args.target_ids, positives=args.positives)
+    config = config_from_args(args)
+    result = scan(config, options, out_dir=args.out, cache_dir=args.cache_dir, overwrite=args.overwrite,
+                  progress=not args.quiet)
+    print(result.table())
+    print(f"\nscan written to {result.out_dir} (report.md, scan-heatmap.png, scan.csv, scan.json)")
+    return 0
+
+
+def _cmd_ablate(args: argparse.Namespace) -> int:
+    from tokenprobe.pipelines.ablate import AblateOptions, ablate
+
+    if not args.debug:
+        _quiet_transformers()
+    options = AblateOptions(layers=args.layers, family=args.probe, max_tokens=args.max_tokens, random=args.random,
+                            mode=args.mode, steer=args.steer, kl_positions=args.kl_positions,
+                            batch_size=args.batch_size, resamples=args.bootstrap, seed=args.seed)
+    result = ablate(args.run_dir, options, cache_dir=args.cache_dir, device=args.device, progress=not args.quiet)
+    for entry in result.data["layers"]:
+        effect, band = entry["probe"]["log_ratio"], entry["random_band"]
+        verdict = {"lowers": "lowers P(target) beyond random", "raises": "raises P(target) beyond random"}.get(
+            entry.get("direction_of_effect") or "", "within the random directions")
+        print(f"layer {entry['layer']:>3}: change in log P(target) {effect['mean']:+.3f}"
+              + (f" [{effect['low']:+.3f}, {effect['high']:+.3f}]" if effect.get("low") is not None else "")
+              + f"; random {band['min']:+.3f} to {band['max']:+.3f}; KL elsewhere {entry['probe']['kl']['mean']:.4f}"
+              f" -> {verdict}")
+    print(f"\nwritten to {result.path} (and ablation.png, report.md beside it)")
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from tokenprobe.pipelines.evaluate import evaluate_run
+
+    if not args.debug:
+        _quiet_transformers()
+    result = evaluate_run(args.probes, args.corpus, text_field=args.text_field, corpus_config=args.corpus_config,
+                          corpus_split=args.corpus_split, max_tokens=args.max_tokens, bootstrap=args.bootstrap,
+                          device=args.device, out_dir=args.out, cache_dir=args.cache_dir, overwrite=args.overwrite,
+                          progress=not args.quiet)
+    print(result.table())
+    print()
+    print(result.transfer_table())
+    print(f"\neval written to {result.out_dir}")
     return 0
 
 
@@ -83,7 +138,8 @@ def _cmd_viz(args: argparse.Namespace) -> int:
         _quiet_transformers()
 
     result = visualize(args.probes, text=args.text, file=args.file, corpus_sample=args.corpus_sample, out=args.out,
-                       device=args.device, cache_dir=args.cache_dir, progress=not args.quiet, family=args.family)
+                       device=args.device, cache_dir=args.cache_dir, progress=not args.quiet, family=args.family,
+                       target=args.target)
     print(result.path)
     if args.open:
         import webbrowser
@@ -100,6 +156,14 @@ def _cmd_report(args: argparse.Namespace) -> int:
     report, plot = build_report(args.run_dirs, args.out)
     print(f"report written to {report}\nplot written to {plot}")
     return 0
+
+
+def _cache_and_quiet(parser: argparse.ArgumentParser) -> None:
+    """--cache-dir and --quiet, as every command that loads a model takes them."""
+    parser.add_argument("--cache-dir", type=Path, default=None,
+                        help="cache for converted models and tokenized chunks (default: $TOKENPROBE_CACHE or "
+                             "~/.cache/tokenprobe)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars or status lines")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -122,11 +186,90 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", type=Path, default=None,
                        help="run folder (default: runs/<sweep name>-<time>)")
     train.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
-    train.add_argument("--cache-dir", type=Path, default=None,
-                       help="cache for converted models and tokenized chunks (default: $TOKENPROBE_CACHE or "
-                            "~/.cache/tokenprobe)")
-    train.add_argument("--quiet", action="store_true", help="no progress bars or status lines")
+    _cache_and_quiet(train)
     train.set_defaults(func=_cmd_train)
+
+    from tokenprobe.pipelines.scan import SCAN_DEFAULTS, SCAN_IGNORED
+
+    scan = sub.add_parser(
+        "scan", parents=[debug], help="train a probe for each of many target tokens at every layer, from one forward pass",
+        description="Trains one linear probe per target token (by default the 100 most frequent tokens of the "
+                    "training chunks) at each requested layer from ONE extraction, scores each as `train` does, and "
+                    "writes a ranking (report.md), a heatmap (targets x layers), scan.csv and scan.json.")
+    scan.add_argument("--top", type=int, default=None, metavar="N",
+                      help="scan the N most frequent tokens of the training chunks (default: 100)")
+    scan.add_argument("--targets-file", default=None, metavar="FILE",
+                      help="scan the tokens of this file, one token string per line (leading spaces count; \\n "
+                           "names a newline)")
+    scan.add_argument("--target-ids", type=int, nargs="+", default=None, metavar="ID", help="scan these token ids")
+    scan.add_argument("--positives", type=int, default=500,
+                      help="positive training positions per target at most (held-out: a quarter of it) (default: 500)")
+    add_config_arguments(scan, exclude=SCAN_IGNORED, defaults=SCAN_DEFAULTS, helps={
+        "train_positions": "positions of the natural-ratio training sample every target shares (each target's "
+                           "negatives are drawn from it)",
+        "eval_positions": "positions of the natural-ratio held-out sample every target shares",
+        "l2": "L2 penalty on the probe weights (standardised inputs), or auto: per target, the penalty with the "
+              "lowest log-loss on a fifth of its training chunks set aside, chosen at the middle layer"})
+    scan.add_argument("--out", type=Path, default=None, help="run folder (default: runs/<scan name>-<time>)")
+    scan.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
+    _cache_and_quiet(scan)
+    scan.set_defaults(func=_cmd_scan)
+
+    ablate = sub.add_parser(
+        "ablate", parents=[debug], help="does the model use the probe's direction? remove it and measure P(target)",
+        description="For each probed layer, runs the model on held-out chunks with the probe's direction removed "
+                    "from the residual stream at that layer (every position), and measures the change in the "
+                    "model's own P(target) where the target comes next, against random directions, and the KL "
+                    "divergence elsewhere. Writes ablation.json, ablation.png and a report.md section into the run.")
+    ablate.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a run folder of `tokenprobe train --task next`")
+    ablate.add_argument("--layers", default=None, help="a subset of the run's probed layers, e.g. 6,12 (default: all)")
+    ablate.add_argument("--probe", default=None, metavar="FAMILY",
+                        help="the probe family whose direction is removed: linear, mean-diff or sparse "
+                             "(default: the run's primary one)")
+    ablate.add_argument("--max-tokens", type=int, default=4096,
+                        help="held-out tokens to run the model on, in whole chunks (default: 4096)")
+    ablate.add_argument("--random", type=int, default=20, help="random directions per layer, the baseline (default: 20)")
+    ablate.add_argument("--mode", choices=("project", "mean"), default="project",
+                        help="project: remove the component; mean: set it to its training mean (default: project)")
+    ablate.add_argument("--steer", type=float, default=None, metavar="ALPHA",
+                        help="also ADD ALPHA times the direction (in units of its clean spread) and measure P(target)")
+    ablate.add_argument("--kl-positions", type=int, default=128,
+                        help="positions (not followed by the target) where the KL divergence is measured (default: 128)")
+    ablate.add_argument("--batch-size", type=int, default=8, help="chunks per forward pass (default: 8)")
+    ablate.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples of chunks (default: 1000; 0: none)")
+    ablate.add_argument("--seed", type=int, default=0, help="seed of the random directions and the KL positions")
+    ablate.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None,
+                        help="where the model runs (default: the run's)")
+    _cache_and_quiet(ablate)
+    ablate.set_defaults(func=_cmd_ablate)
+
+    evaluate = sub.add_parser(
+        "eval", parents=[debug], help="evaluate a run's saved probes on another corpus, refitting nothing",
+        description="Runs the model of a `tokenprobe train` run over another corpus, with the run's own settings "
+                    "and held-out sampling, and scores every saved probe (every layer, every family) there, as "
+                    "train scores them (baselines, intervals, layer comparisons). Writes run.json, results.json, "
+                    "report.md (in-corpus and out-of-corpus figures side by side) and plot.png.")
+    evaluate.add_argument("probes", nargs="+", metavar="RUN_OR_PROBES",
+                          help="a run folder from `tokenprobe train`, or probe files (.safetensors) of one run")
+    evaluate.add_argument("--corpus", required=True,
+                          help="the corpus to evaluate on: a .txt/.jsonl/.json/.parquet file or a folder of them, a "
+                               "saved `datasets` folder, or a Hugging Face dataset name")
+    evaluate.add_argument("--text-field", default="text",
+                          help="field holding the text in .jsonl/.json/.parquet/dataset corpora (default: 'text')")
+    evaluate.add_argument("--corpus-config", default=None, help="Hugging Face dataset config name")
+    evaluate.add_argument("--corpus-split", default="train", help="Hugging Face dataset split (default: 'train')")
+    evaluate.add_argument("--max-tokens", type=int, default=None,
+                          help="use at most this many corpus tokens (default: the run's own setting)")
+    evaluate.add_argument("--bootstrap", type=int, default=None,
+                          help="bootstrap resamples of held-out chunks for the 95%% intervals, 0: none "
+                               "(default: the run's)")
+    evaluate.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None,
+                          help="where the model runs (default: the run's)")
+    evaluate.add_argument("--out", type=Path, default=None,
+                          help="output folder (default: runs/eval-<run folder>-on-<corpus>-<time>)")
+    evaluate.add_argument("--overwrite", action="store_true", help="replace an existing eval in --out")
+    _cache_and_quiet(evaluate)
+    evaluate.set_defaults(func=_cmd_eval)
 
     inspect = sub.add_parser("inspect", parents=[debug], help="print a probe file's metadata and metrics")
     inspect.add_argument("probe", nargs="+", help="probe file(s) (.safetensors)")
@@ -144,9 +287,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     viz = sub.add_parser("viz", parents=[debug], help="write an interactive HTML page: every layer's probe on every token of a text",
                          description="Runs the model named in the probe files once over a text and writes one "
-                                     "self-contained HTML page with every probe's probability for every token.")
+                                     "self-contained HTML page with every probe's probability for every token. "
+                                     "A scan folder (from `tokenprobe scan`) gives one page of all its targets, "
+                                     "with a selector to switch target.")
     viz.add_argument("probes", nargs="+", metavar="RUN_DIR_OR_PROBE_FILE",
-                     help="a run folder from `tokenprobe train` and/or probe files (.safetensors) of one run")
+                     help="a run folder from `tokenprobe train` and/or probe files (.safetensors) of one run, "
+                          "or a scan folder from `tokenprobe scan` (on its own)")
     source = viz.add_mutually_exclusive_group(required=True)
     source.add_argument("--text", help="the text to show")
     source.add_argument("--file", type=Path, help="a UTF-8 text file to show")
@@ -156,6 +302,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="the page to write (default: viz.html in the run folder, else ./tokenprobe-viz.html)")
     viz.add_argument("--family", default=None,
                      help="the probe family to show when a run has several (default: the run's primary one)")
+    viz.add_argument("--target", default=None, metavar="TEXT",
+                     help="with a scan folder: the target shown first, by its text (leading spaces count, e.g. "
+                          "' the') or token id (default: the scan's first)")
     viz.add_argument("--open", action="store_true", help="open the page in the default browser")
     viz.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where the model runs")
     viz.add_argument("--cache-dir", type=Path, default=None,

@@ -371,30 +371,38 @@ def _base_type(tp: Any) -> type:
     return tp
 
 
-def add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    """Adds one ``--flag`` per RunConfig field, with the field's default and help."""
+def add_config_arguments(parser: argparse.ArgumentParser, exclude: tuple[str, ...] = (),
+                         defaults: dict[str, Any] | None = None, helps: dict[str, str] | None = None) -> None:
+    """Adds one ``--flag`` per RunConfig field, with the field's default and help (but the fields in
+    `exclude`; `defaults` and `helps` replace a field's own, for a command that reads it otherwise)."""
+    defaults, helps = defaults or {}, helps or {}
     for f in dataclasses.fields(RunConfig):
-        meta = f.metadata
+        if f.name in exclude:
+            continue
+        meta = dict(f.metadata)
+        if f.name in helps:
+            meta["help"] = helps[f.name]
+        default = defaults.get(f.name, f.default)
         if _base_type(f.type) is bool:  # --wandb / --no-wandb
-            shown = f" (default: {f.default!r})" if f.default is not None else ""
+            shown = f" (default: {default!r})" if default is not None else ""
             parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, action=argparse.BooleanOptionalAction,
-                                default=f.default, help=f"{meta.get('help', '')}{shown}")
+                                default=default, help=f"{meta.get('help', '')}{shown}")
             continue
         parser.add_argument(
             "--" + f.name.replace("_", "-"),
             dest=f.name,
             type=meta.get("type") or _base_type(f.type),
-            default=f.default,
+            default=default,
             choices=meta.get("choices"),
             nargs=meta.get("nargs"),
-            help=f"{meta.get('help', '')} (default: {f.default!r})",
+            help=f"{meta.get('help', '')} (default: {default!r})",
         )
 
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
-    """The RunConfig of parsed options; a list option given one value stores that value alone, so a
-    single target is recorded as it always was."""
-    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(RunConfig)}
+    """The RunConfig of parsed options (fields a command does not offer keep their defaults); a list
+    option given one value stores that value alone, so a single target is recorded as it always was."""
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(RunConfig) if hasattr(args, f.name)}
     for name, value in values.items():
         if isinstance(value, list) and len(value) == 1:
             values[name] = value[0]

@@ -57,6 +57,9 @@ def test_ahead_k_asks_about_the_token_k_ahead(tiny_model_dirs, corpus_file, sess
     assert result.record["sweep_name"].startswith("sweep-ctx32-20k-ahead2-")
     assert not result.baselines  # the model predicts the next token, not the one after it
     assert load_probe(tmp_path / "run" / "probes" / "layer01.safetensors").meta.task == "ahead:2"
+    report = (tmp_path / "run" / "report.md").read_text()  # the report says why, not "--no-baselines"
+    assert "None: they predict the next token, and this run asks: will the token 2 ahead be ...?" in report
+    assert "--no-baselines" not in report
     assert 0.4 < result.best.primary.balanced_accuracy <= 1.0
 
 
@@ -72,6 +75,9 @@ def test_label_regex_labels_the_matching_tokens(tiny_model_dirs, corpus_file, se
     assert meta.target == "regex:cat|dog|bird" and meta.target_ids == []
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert results["run"]["sweep_name"].startswith("sweep-ctx32-20k-current-regex-")
+    assert results["run"]["baselines"]["skipped"].startswith("they predict the next token, and this run asks: "
+                                                             "is this token inside a match of /cat|dog|bird/")
+    assert "--no-baselines" not in (tmp_path / "run" / "report.md").read_text()
 
 
 def test_labels_file_must_match_the_corpus(tiny_model_dirs, corpus_file, session_cache, tmp_path):

@@ -17,6 +17,7 @@ Every baseline's threshold is the one that maximises balanced accuracy on the tr
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -94,12 +95,37 @@ class BaselineSet:
     info: dict[str, object]
 
 
+def model_rows(prepared: Prepared, usable: np.ndarray, seed: int = 0,
+               threshold_positions: int = THRESHOLD_POSITIONS) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The positions where the model's own probability is computed: (rows, sample, first).
+
+    `rows`: the held-out positions plus `sample`, a seeded sample of training positions for the
+    threshold, as many as the balanced held-out set has, at most `threshold_positions`. `first`
+    indexes one row of each distinct (chunk, position) of `rows` (the balanced and natural sets share
+    rows): the full softmax runs at ``rows[first]`` only.
+    """
+    positions = prepared.positions
+    train = positions.mask(TRAIN) & usable
+    held_out = (positions.mask(EVAL) | positions.mask(EVAL_NATURAL)) & usable
+    train_rows = np.flatnonzero(train)
+    rng = np.random.default_rng(seed + 7)
+    size = min(threshold_positions, len(train_rows), int((positions.mask(EVAL) & usable).sum()))
+    sample = np.sort(rng.choice(train_rows, size=size, replace=False))
+    rows = np.union1d(np.flatnonzero(held_out), sample)
+    keys = positions.chunk[rows] * (int(positions.position.max()) + 1) + positions.position[rows]
+    _, first = np.unique(keys, return_index=True)
+    return rows, sample, first
+
+
 def compute_baselines(loaded: LoadedModel, prepared: Prepared, source: ActivationSource, probed_layers: list[int],
-                      seed: int = 0) -> BaselineSet:
+                      seed: int = 0, model_probability: Callable[[np.ndarray], np.ndarray] | None = None,
+                      threshold_positions: int = THRESHOLD_POSITIONS) -> BaselineSet:
     """Baseline scores at every position of the prepared positions (NaN where not computed).
 
     `source` must hold every probed layer and the last layer (``loaded.num_layers``); its `keep`
-    marks positions whose batch was finite.
+    marks positions whose batch was finite. `model_probability`, given position rows, returns the
+    model's own probability of the target there (a scan computes it for every target at once); by
+    default it is computed here from the last layer.
     """
     positions, usable, target_id = prepared.positions, source.keep, prepared.target.token_ids
     n = len(positions)
@@ -119,19 +145,17 @@ def compute_baselines(loaded: LoadedModel, prepared: Prepared, source: Activatio
         scores[rows] = unembed.target_logit(source.layer(layer)[torch.from_numpy(rows)], target_id)
         scorers[lens_key(layer)] = scorer(scores)
 
-    # The model's own probability: held-out positions (each (chunk, position) once: the balanced and
-    # natural sets share rows), plus a seeded sample of training positions for the threshold, as many as
-    # the balanced held-out set has, at most THRESHOLD_POSITIONS.
-    train_rows = np.flatnonzero(train)
-    rng = np.random.default_rng(seed + 7)
-    size = min(THRESHOLD_POSITIONS, len(train_rows), int((positions.mask(EVAL) & usable).sum()))
-    sample = np.sort(rng.choice(train_rows, size=size, replace=False))
-    rows = np.union1d(np.flatnonzero(held_out), sample)
+    # The model's own probability: held-out positions (each (chunk, position) once), plus a seeded
+    # sample of training positions for the threshold (see model_rows).
+    rows, sample, first = model_rows(prepared, usable, seed, threshold_positions)
     keys = positions.chunk[rows] * (int(positions.position.max()) + 1) + positions.position[rows]
-    _, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
+    inverse = np.searchsorted(keys[first], keys) if len(rows) else np.zeros(0, dtype=np.int64)
     scores = np.full(n, np.nan)
-    unique = torch.from_numpy(rows[first])
-    scores[rows] = unembed.target_probability(source.layer(loaded.num_layers)[unique], target_id)[inverse]
+    if model_probability is not None:
+        scores[rows] = model_probability(rows[first])[inverse]
+    else:
+        unique = torch.from_numpy(rows[first])
+        scores[rows] = unembed.target_probability(source.layer(loaded.num_layers)[unique], target_id)[inverse]
     threshold = choose_threshold(positions.label[sample], scores[sample])
     scorers[baseline_key(MODEL)] = Scorer(scores=scores, threshold=threshold)
     info["model_threshold_positions"] = int(len(sample))

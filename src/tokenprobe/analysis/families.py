@@ -120,14 +120,15 @@ def _scorers(fitted: dict[str, dict[int, Any]], source: ActivationSource, n: int
 def score_families(prepared: Prepared, source: ActivationSource, fitted: dict[str, dict[int, Any]],
                    control_fitted: dict[str, dict[int, Any]] | None, control_labels: np.ndarray | None,
                    control_record: dict[str, Any] | None, resamples: int, seed: int,
-                   mdl: dict[tuple[str, int], dict[str, Any]] | None = None) -> FamilyEvaluation:
-    """Every family's probes on the task (every reported set) and, given control probes and each
-    position's control label, on the control task; `fitted` maps family -> layer -> probe, its first
-    family being the primary one."""
+                   mdl: dict[tuple[str, int], dict[str, Any]] | None = None,
+                   sets: tuple[str, ...] = REPORTED_SETS) -> FamilyEvaluation:
+    """Every family's probes on the task (each of `sets`, by default every reported set) and, given
+    control probes and each position's control label, on the control task; `fitted` maps family ->
+    layer -> probe, its first family being the primary one."""
     positions, usable = prepared.positions, source.keep
     families = list(fitted)
     primary = families[0]
-    sets = {s: np.flatnonzero(positions.mask(s) & usable) for s in REPORTED_SETS}
+    sets = {s: np.flatnonzero(positions.mask(s) & usable) for s in sets}
     task = evaluate(_scorers(fitted, source, len(positions)), positions.label, positions.chunk, sets, resamples, seed)
     control = None
     if control_fitted is not None:

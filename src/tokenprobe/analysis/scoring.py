@@ -116,17 +116,19 @@ def score_probes(probes: dict[int, Any], source: ActivationSource, n_positions: 
 
 
 def score_run(loaded: LoadedModel, prepared: Prepared, source: ActivationSource, probes: dict[int, Any],
-              baselines: bool = True, resamples: int = 1000, seed: int = 0) -> RunEvaluation:
+              baselines: bool = True, resamples: int = 1000, seed: int = 0, sets: tuple[str, ...] = REPORTED_SETS,
+              **baseline_options: Any) -> RunEvaluation:
     """Scores every probe and, with `baselines`, every baseline at all positions, then evaluates them on
-    each set with `resamples` chunk-bootstrap resamples. With baselines `source` must hold the last layer."""
+    each of `sets` with `resamples` chunk-bootstrap resamples. With baselines `source` must hold the last layer
+    (or `baseline_options` give `model_probability`: see compute_baselines)."""
     positions, usable, layers = prepared.positions, source.keep, list(probes)
     scorers = score_probes(probes, source, len(positions))
     info: dict[str, Any] = {}
     if baselines:
-        made = compute_baselines(loaded, prepared, source, layers, seed)
+        made = compute_baselines(loaded, prepared, source, layers, seed, **baseline_options)
         scorers.update(made.scorers)
         info = {**made.info, "thresholds": {key: s.threshold for key, s in made.scorers.items()}}
-    sets = {s: np.flatnonzero(positions.mask(s) & usable) for s in REPORTED_SETS}
+    sets = {s: np.flatnonzero(positions.mask(s) & usable) for s in sets}
     only = {key: HELD_OUT for key in scorers if key.kind != "probe"}
     ev = evaluate(scorers, positions.label, positions.chunk, sets, resamples, seed, only)
     run_baselines = []

@@ -142,7 +142,7 @@ def _hub_revision(source: str, cache_dir: Path, offline: bool = False) -> str:
 
 
 def load_model(
-    source: str = DEFAULT_MODEL,
+    source: str | Path = DEFAULT_MODEL,
     dtype: str | torch.dtype = "auto",
     device: str | torch.device = "auto",
     cache_dir: Path | None = None,
@@ -152,6 +152,7 @@ def load_model(
 
     ``progress=False`` also silences transformers' own "Loading weights" bar (``--quiet``).
     """
+    source = str(source)  # a pathlib.Path to a model folder or .gguf file is as good as its string
     if progress:
         return _load_model(source, dtype, device, cache_dir)
     from transformers.utils import logging as hf_logging

@@ -112,24 +112,96 @@ class Unembedding:
         """
         ids = [int(target_id)] if isinstance(target_id, (int, np.integer)) else [int(t) for t in target_id]
         out = []
+        for found, top, total in self._softmax_tiles(hidden, ids, batch, vocab_block):
+            targets = [logit for _, logit in found]  # in vocabulary order
+            mass = torch.exp(targets[0] - top)
+            for logit in targets[1:]:
+                mass = mass + torch.exp(logit - top)
+            out.append((mass / total).cpu())
+        return torch.cat(out).numpy() if out else np.zeros(0)
+
+    def each_probability(self, hidden: torch.Tensor, target_ids: Sequence[int], batch: int = 512,
+                         vocab_block: int = 4096) -> np.ndarray:
+        """(positions, targets): each target's own probability from ONE softmax per position (a scan
+        of many targets pays the full vocabulary once). Column j equals ``target_probability(hidden,
+        target_ids[j])`` bit for bit."""
+        ids = [int(t) for t in target_ids]
+        column = {t: j for j, t in enumerate(ids)}
+        out = []
+        for found, top, total in self._softmax_tiles(hidden, ids, batch, vocab_block):
+            block = torch.empty(len(top), len(ids), dtype=torch.float64)
+            for t, logit in found:
+                block[:, column[t]] = (torch.exp(logit - top) / total).cpu()
+            out.append(block)
+        return torch.cat(out).numpy() if out else np.zeros((0, len(ids)))
+
+    def _softmax_tiles(self, hidden: torch.Tensor, ids: list[int], batch: int, vocab_block: int):
+        """Per `batch` rows: ([(id, its float64 logit)] in vocabulary order, the float64 running max,
+        the float64 sum of exp(logit - max)) over the full vocabulary (see target_probability)."""
         vocab = self.weight.shape[0]
         with torch.inference_mode():
             for start in range(0, len(hidden), batch):
                 x = self.normed(hidden[start : start + batch])
                 peak = torch.full((len(x), 1), -torch.inf, device=x.device)
                 total = torch.zeros(len(x), dtype=torch.float64, device=x.device)
-                targets: list[torch.Tensor] = []  # each target's logit, float64
+                found: list[tuple[int, torch.Tensor]] = []
                 for v in range(0, vocab, vocab_block):
                     bias = self.bias[v : v + vocab_block] if self.bias is not None else None
                     tile = self._cap(nn.functional.linear(x, self.weight[v : v + vocab_block], bias).float())
-                    targets += [tile[:, t - v].double() for t in ids if v <= t < v + vocab_block]
+                    found += [(t, tile[:, t - v].double()) for t in ids if v <= t < v + vocab_block]
                     new_peak = torch.maximum(peak, tile.amax(dim=-1, keepdim=True))
                     total = total * torch.exp((peak - new_peak)[:, 0].double()) \
                         + tile.sub_(new_peak).exp_().sum(dim=-1).double()
                     peak = new_peak
-                top = peak[:, 0].double()
-                mass = torch.exp(targets[0] - top)
-                for logit in targets[1:]:
-                    mass = mass + torch.exp(logit - top)
-                out.append((mass / total).cpu())
+                yield found, peak[:, 0].double(), total
+
+    def target_log_probability(self, hidden: torch.Tensor, target_id: int | Sequence[int], batch: int = 512,
+                               vocab_block: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+        """(log of the model's own probability of the target (of any of several), whether a target is the
+        model's top prediction) per position: one full-vocabulary softmax each, tile by tile as in
+        target_probability."""
+        ids = [int(target_id)] if isinstance(target_id, (int, np.integer)) else [int(t) for t in target_id]
+        logs, tops = [], []
+        for found, top, total in self._softmax_tiles(hidden, ids, batch, vocab_block):
+            logits = torch.stack([logit for _, logit in found], dim=-1)  # (rows, targets), float64
+            best = logits.max(dim=-1).values
+            logs.append((torch.logsumexp(logits, dim=-1) - top - torch.log(total)).cpu())
+            tops.append((best >= top).cpu())
+        empty = np.zeros(0)
+        return (torch.cat(logs).numpy() if logs else empty), (torch.cat(tops).numpy() if tops else empty.astype(bool))
+
+    def kl_divergence(self, reference: torch.Tensor, hidden: torch.Tensor, batch: int = 256,
+                      vocab_block: int = 4096) -> np.ndarray:
+        """KL(p || q) per position, p the next-token distribution from `reference` (e.g. the model's own
+        last residual) and q from `hidden` (the same positions after an intervention), in nats; both full
+        softmaxes accumulated tile by tile (online maxima, float64 sums), nothing vocabulary-sized kept.
+
+        KL = sum p (z_p - z_q) - logsumexp(z_p) + logsumexp(z_q), with the first sum rescaled as p's
+        running maximum moves."""
+        vocab = self.weight.shape[0]
+        out = []
+        with torch.inference_mode():
+            for start in range(0, len(hidden), batch):
+                xp = self.normed(reference[start : start + batch])
+                xq = self.normed(hidden[start : start + batch])
+                n = len(xp)
+                peak_p = torch.full((n,), -torch.inf, dtype=torch.float64, device=xp.device)
+                peak_q = torch.full((n,), -torch.inf, dtype=torch.float64, device=xp.device)
+                sum_p = torch.zeros(n, dtype=torch.float64, device=xp.device)
+                sum_q = torch.zeros_like(sum_p)
+                cross = torch.zeros_like(sum_p)  # sum exp(z_p - peak_p) (z_p - z_q)
+                for v in range(0, vocab, vocab_block):
+                    bias = self.bias[v : v + vocab_block] if self.bias is not None else None
+                    zp = self._cap(nn.functional.linear(xp, self.weight[v : v + vocab_block], bias).float()).double()
+                    zq = self._cap(nn.functional.linear(xq, self.weight[v : v + vocab_block], bias).float()).double()
+                    new_p = torch.maximum(peak_p, zp.max(dim=-1).values)
+                    new_q = torch.maximum(peak_q, zq.max(dim=-1).values)
+                    rescale = torch.exp(peak_p - new_p)
+                    weights = torch.exp(zp - new_p[:, None])
+                    cross = cross * rescale + (weights * (zp - zq)).sum(dim=-1)
+                    sum_p = sum_p * rescale + weights.sum(dim=-1)
+                    sum_q = sum_q * torch.exp(peak_q - new_q) + torch.exp(zq - new_q[:, None]).sum(dim=-1)
+                    peak_p, peak_q = new_p, new_q
+                kl = cross / sum_p - (peak_p + torch.log(sum_p)) + (peak_q + torch.log(sum_q))
+                out.append(kl.clamp_min(0.0).cpu())
         return torch.cat(out).numpy() if out else np.zeros(0)

@@ -94,6 +94,7 @@ class ExtractionPlan:
     baselines: bool
     batch_size: int
     checkpoint: CheckpointSink
+    baselines_skipped: str | None = None  # why the baselines were asked for but do not apply
 
 
 def train(
@@ -123,10 +124,6 @@ def train(
     loaded = load_stage(config, loaded, cache_dir, progress)
     timings["load_model_s"] = time.perf_counter() - started
     layers = parse_layers(config.layers, loaded.num_layers)
-    if loaded.max_positions and config.context_length > loaded.max_positions:
-        raise TokenprobeError(
-            f"--context-length {config.context_length} exceeds this model's limit of {loaded.max_positions} positions"
-        )
 
     t = time.perf_counter()
     prepared = prepare(config, loaded, cache_dir, progress, say=lambda m: say(m, quiet))
@@ -155,6 +152,8 @@ def train(
         say("Baselines (no intervals: --bootstrap 0)", quiet)
     scored = score_run(loaded, prepared, source, probes, planned.baselines, config.bootstrap, config.seed)
     timings["baselines_intervals_s"] = time.perf_counter() - t
+    if planned.baselines_skipped:
+        scored.info["skipped"] = planned.baselines_skipped  # the record says why (report.md repeats it)
     families = None
     if len(fitted.probes) > 1 or fitted.control is not None or fitted.mdl is not None:
         t = time.perf_counter()
@@ -175,12 +174,7 @@ def train(
                 probes[r.layer].save(staging / r.probe_file)
             for file, probe in others.items():
                 probe.save(staging / file)
-            extra: dict[str, Any] = {"comparisons": scored.comparisons}
-            if families is not None:
-                extra["families"] = families.to_dict()
-            write_results(staging, record, results, scored.baselines, extra)
-            write_report(staging)
-            write_json(staging / RUN_RECORD, record)
+            write_outputs(staging, record, results, scored, families)
 
         out_dir = run_dir.publish(default_out_dir(config, loaded.name), write)
     planned.checkpoint.remove()  # only now: until the run is saved, a rerun can resume from it
@@ -204,6 +198,10 @@ def load_stage(config: RunConfig, loaded: LoadedModel | None, cache_dir: Path, p
         f"{loaded.placement.input}", quiet)
     if loaded.dtype == torch.float16:
         log.warning("float16 overflows in some models (Gemma 3 among them); bad batches will be skipped")
+    if loaded.max_positions and config.context_length > loaded.max_positions:
+        raise TokenprobeError(
+            f"--context-length {config.context_length} exceeds this model's limit of {loaded.max_positions} positions"
+        )
     return loaded
 
 
@@ -213,10 +211,12 @@ def plan_stage(config: RunConfig, loaded: LoadedModel, prepared: Prepared, layer
     # The model's own prediction (a baseline) needs the last layer's residual even when it is not probed.
     # The baselines predict the next token: for other tasks they would answer another question.
     baselines = config.baselines and prepared.labeler.predicts_next_token
+    skipped = None
     if config.baselines and not baselines:
-        why = ("--task current asks about this one" if prepared.target is not None and config.task == "current"
-               else f"and this run asks {prepared.labeler.question} ...")
-        say(f"Baselines skipped: they predict the next token, {why}", quiet)
+        skipped = "they predict the next token, " + (
+            "and --task current asks about this one" if prepared.target is not None and config.task == "current"
+            else f"and this run asks: {prepared.labeler.question} ...?")
+        say(f"Baselines skipped: {skipped}", quiet)
     extract_layers = sorted({*layers, loaded.num_layers}) if baselines else layers
     if extract_layers != layers:
         say(f"Baselines: also extracting layer {loaded.num_layers} for the model's own prediction", quiet)
@@ -236,7 +236,7 @@ def plan_stage(config: RunConfig, loaded: LoadedModel, prepared: Prepared, layer
         say(f"Resuming: {checkpoint.completed(batch_size)} batches were already extracted by an "
             f"interrupted run ({checkpoint.folder})", quiet)
     return ExtractionPlan(layers=extract_layers, baselines=baselines, batch_size=batch_size,
-                          checkpoint=checkpoint)
+                          checkpoint=checkpoint, baselines_skipped=skipped)
 
 
 def extract_stage(loaded: LoadedModel, prepared: Prepared, planned: ExtractionPlan,
@@ -328,23 +328,38 @@ def record_stage(config: RunConfig, loaded: LoadedModel, prepared: Prepared, lay
 
 
 def layer_results(config: RunConfig, loaded: LoadedModel, prepared: Prepared, record: dict[str, Any],
-                  probes: dict[int, Probe], scored: RunEvaluation, save: bool) -> list[LayerResult]:
-    """Each layer's results, and each probe's metadata (which refers to the run record)."""
+                  probes: dict[int, Probe], scored: RunEvaluation, save: bool,
+                  describe: bool = True) -> list[LayerResult]:
+    """Each layer's results, and (with `describe`) each probe's metadata (which refers to the run record);
+    `tokenprobe eval` keeps the saved probes' own metadata."""
     results = []
     for layer, probe in probes.items():
         metrics = scored.probe_metrics(layer)
         name = run_name(config, layer, loaded.name)
-        probe.meta = ProbeMeta(
-            kind=probe.kind, layer=layer, task=config.task, target=target_name(prepared),
-            target_ids=target_ids(prepared), model=ModelIdentity.of(loaded),
-            context_length=config.context_length, dtype=record["dtype"], run_name=name,
-            tokenprobe_version=_version(), fit=probe.fit_info, metrics={k: m.to_dict() for k, m in metrics.items()},
-            config=record["config"], corpus={k: record["corpus"][k] for k in ("name", "sha256")},
-            sweep_name=record["sweep_name"], created=record["created"])
+        if describe:
+            probe.meta = ProbeMeta(
+                kind=probe.kind, layer=layer, task=config.task, target=target_name(prepared),
+                target_ids=target_ids(prepared), model=ModelIdentity.of(loaded),
+                context_length=config.context_length, dtype=record["dtype"], run_name=name,
+                tokenprobe_version=_version(), fit=probe.fit_info, metrics={k: m.to_dict() for k, m in metrics.items()},
+                config=record["config"], corpus={k: record["corpus"][k] for k in ("name", "sha256")},
+                sweep_name=record["sweep_name"], created=record["created"])
         results.append(LayerResult(layer=layer, run_name=name, probe_file=f"probes/layer{layer:02d}.safetensors"
                                    if save else None, metrics=metrics, l2=probe.fit_info.get("l2"),
                                    **scored.layer_fields(layer)))
     return results
+
+
+def write_outputs(staging: Path, record: dict[str, Any], results: list[LayerResult], scored: RunEvaluation,
+                  families: FamilyEvaluation | None, extra: dict[str, Any] | None = None) -> None:
+    """A run's figures into its staging folder: results.json/.csv (with the comparisons, the families and
+    `extra`), report.md and plot.png drawn from them, and the run record (run.json), last."""
+    blocks: dict[str, Any] = {"comparisons": scored.comparisons}
+    if families is not None:
+        blocks["families"] = families.to_dict()
+    write_results(staging, record, results, scored.baselines, {**blocks, **(extra or {})})
+    write_report(staging)
+    write_json(staging / RUN_RECORD, record)
 
 
 def target_name(prepared: Prepared) -> str:

@@ -3,6 +3,7 @@ results.json alone, without torch or transformers.
 
 `tokenprobe train` writes report.md and plot.png into each run folder; `tokenprobe report RUN_DIR
 [RUN_DIR ...]` rebuilds them, and with several run folders draws them in one plot (one colour per run).
+A `tokenprobe scan` folder (scan.json) is reported on its own, by tokenprobe.report.scan.
 """
 
 from __future__ import annotations
@@ -29,6 +30,30 @@ def load_results(run_dir: Path) -> dict[str, Any]:
         return json.loads(path.read_text())
     except (OSError, ValueError) as exc:
         raise TokenprobeError(f"cannot read {path}: {exc}") from exc
+
+
+SCAN_ALONE = ("tokenprobe report draws several runs of `train` together; a scan is reported on its own: "
+              "tokenprobe report SCAN_DIR")
+
+
+def is_scan(folder: Path) -> bool:
+    """Whether a folder holds a `tokenprobe scan` (scan.json, and no results.json of a `train` run)."""
+    return (Path(folder) / "scan.json").is_file() and not (Path(folder) / "results.json").is_file()
+
+
+def load_scan(folder: Path) -> dict[str, Any]:
+    """A scan folder's scan.json, with a one-line error when it is missing, unreadable or not a scan."""
+    path = Path(folder) / "scan.json"
+    if not path.is_file():
+        raise TokenprobeError(f"{folder} is not a tokenprobe scan folder: no scan.json")
+    try:
+        scan = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise TokenprobeError(f"cannot read {path}: {exc}") from exc
+    if not isinstance(scan, dict) or scan.get("kind") != "scan" or not isinstance(scan.get("targets"), list):
+        raise TokenprobeError(f'cannot read {path}: not a tokenprobe scan (no "kind": "scan" with a list of '
+                              '"targets"); rerun tokenprobe scan')
+    return scan
 
 
 def _f(value: Any, digits: int = 3) -> str:
@@ -121,11 +146,14 @@ def render_markdown(results: dict[str, Any], plot_name: str | None = PLOT, title
         shown = f"any of {target}" if len(record.get("token_ids", [])) > 1 else repr(target)
         asked = f"{question} {shown}?"
     resamples = comparisons.get("resamples") or run.get("intervals", {}).get("resamples") or 0
+    transfer = results.get("transfer")  # `tokenprobe eval`: a run's probes on another corpus, not refitted
     lines += [
-        f"Model `{run['model']['name']}` ({run.get('dtype')}), corpus `{run['corpus']['name']}`, task "
-        f"`{config.get('task')}`: {asked} Context {config.get('context_length')} tokens; "
-        f"{_count(positions.get('train', {}).get('positions', 0), 'training position')}; "
-        f"{_count(positions.get('eval', {}).get('positions', 0), 'held-out position')} (balanced) from "
+        f"Model `{run['model']['name']}` ({run.get('dtype')}), "
+        + (f"probes trained on corpus `{transfer['source']['corpus']['name']}` evaluated on corpus "
+           f"`{run['corpus']['name']}`, task " if transfer else f"corpus `{run['corpus']['name']}`, task ")
+        + f"`{config.get('task')}`: {asked} Context {config.get('context_length')} tokens; "
+        + ("" if transfer else f"{_count(positions.get('train', {}).get('positions', 0), 'training position')}; ")
+        + f"{_count(positions.get('eval', {}).get('positions', 0), 'held-out position')} (balanced) from "
         f"{_count(positions.get('eval', {}).get('chunks', 0), 'held-out chunk')}, plus "
         f"{positions.get('eval_natural', {}).get('positions', 0):,} at the natural class ratio.",
         "",
@@ -136,6 +164,10 @@ def render_markdown(results: dict[str, Any], plot_name: str | None = PLOT, title
     ]
     if plot_name:
         lines += [f"![probe and baselines per layer]({plot_name})", ""]
+    if transfer:
+        from tokenprobe.report.transfer import transfer_markdown
+
+        lines += transfer_markdown(transfer)
 
     by_layer = {r["layer"]: r for r in layers}
     bal = comparisons.get("balanced_accuracy", {})
@@ -193,8 +225,9 @@ def render_markdown(results: dict[str, Any], plot_name: str | None = PLOT, title
         if len(lines) > bullets_from:
             lines.append("")
     else:
-        why = ("they predict the next token and this run asks about the current one"
-               if config.get("task") == "current" else "the run was made with --no-baselines")
+        skipped = (run.get("baselines") or {}).get("skipped")
+        why = (skipped or ("they predict the next token and this run asks about the current one"
+               if config.get("task") == "current" else "the run was made with --no-baselines"))
         lines += ["## Baselines", "", f"None: {why}.", ""]
 
     if bal.get("pairs"):
@@ -252,15 +285,42 @@ def write_report(run_dir: Path) -> tuple[Path, Path]:
     plot([(run_dir, results)], run_dir / PLOT)
     if results.get("families"):
         plot_families(results, run_dir / FAMILIES_PLOT)
-    atomic_write_bytes(run_dir / REPORT, render_markdown(results).encode("utf-8"))
+    atomic_write_bytes(run_dir / REPORT, _with_ablation(render_markdown(results), run_dir, run_dir).encode("utf-8"))
     return run_dir / REPORT, run_dir / PLOT
+
+
+def _with_ablation(markdown: str, run_dir: Path, out: Path) -> str:
+    """The report with the run's causal check (`tokenprobe ablate`), when it has one; its plot drawn into `out`."""
+    from tokenprobe.report.ablation import ABLATION_PLOT, ablation_markdown, load_ablation, plot_ablation
+
+    data = load_ablation(run_dir)
+    if data is None:
+        return markdown
+    plot_ablation(data, Path(out) / ABLATION_PLOT)
+    return markdown.rstrip("\n") + "\n\n" + "\n".join(ablation_markdown(data)) + "\n"
 
 
 def build_report(run_dirs: list[Path], out: Path | None = None) -> tuple[Path, Path]:
     """One run: rebuilds its report (into `out`, default the run folder). Several: one combined report
     and plot in `out` (default ./tokenprobe-report), with a section per run; each run with probe families
-    gets its own families-<n>.png (n: its place among the runs)."""
+    gets its own families-<n>.png (n: its place among the runs).
+
+    A scan folder (scan.json, no results.json) is reported on its own: its scan.csv, scan-heatmap.png and
+    report.md are rebuilt (into `out`, default the folder), and (report, heatmap) returned."""
     run_dirs = [Path(d) for d in run_dirs]
+    scans = [d for d in run_dirs if is_scan(d)]
+    if scans and len(run_dirs) > 1:
+        raise TokenprobeError(f"{SCAN_ALONE} (scan{'s' if len(scans) > 1 else ''}: "
+                              f"{', '.join(str(d) for d in scans)})")
+    if scans:
+        from tokenprobe.report.scan import write_scan_outputs
+
+        folder = run_dirs[0]
+        scan = load_scan(folder)
+        out = Path(out) if out else folder
+        same = out.resolve() == folder.resolve()
+        _, heatmap, report = write_scan_outputs(out, scan, "scan.json" if same else str(folder / "scan.json"))
+        return report, heatmap
     runs = [(d, load_results(d)) for d in run_dirs]
     if len(runs) == 1:
         out = Path(out) if out else run_dirs[0]
@@ -268,7 +328,7 @@ def build_report(run_dirs: list[Path], out: Path | None = None) -> tuple[Path, P
         plot(runs, out / PLOT)
         if runs[0][1].get("families"):
             plot_families(runs[0][1], out / FAMILIES_PLOT)
-        atomic_write_bytes(out / REPORT, render_markdown(runs[0][1]).encode("utf-8"))
+        atomic_write_bytes(out / REPORT, _with_ablation(render_markdown(runs[0][1]), run_dirs[0], out).encode("utf-8"))
         return out / REPORT, out / PLOT
     out = Path(out) if out else Path("tokenprobe-report")
     out.mkdir(parents=True, exist_ok=True)
@@ -277,6 +337,12 @@ def build_report(run_dirs: list[Path], out: Path | None = None) -> tuple[Path, P
     parts = [f"# tokenprobe report: {len(runs)} runs" + (f" sharing {shared}" if shared else ""), "",
              "Each section is one run, named by what differs between them.", "",
              f"![probe and baselines per layer]({PLOT})", ""]
+    from tokenprobe.report.transfer import transfer_section
+
+    parts += transfer_section(runs, out)  # runs and evals of one model and task: trained-on x evaluated-on
+    from tokenprobe.report.depth import depth_section
+
+    parts += depth_section(runs, labels, out)  # models of different depths: relative depth, depth.png
     for i, ((run_dir, results), label) in enumerate(zip(runs, labels), 1):
         # A run with probe families gets its own families plot, numbered by its place in the report.
         families_plot = f"families-{i}.png" if results.get("families") else None
