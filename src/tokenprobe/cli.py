@@ -278,8 +278,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     report = sub.add_parser("report", parents=[debug], help="rebuild report.md and plot.png from run folder(s)",
                             description="Rebuilds the sweep report (report.md) and plot (plot.png) from the "
-                                        "results.json of one run folder, or draws several runs in one plot.")
-    report.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR", help="run folder(s) from `tokenprobe train`")
+                                        "results.json of one run folder (with its ablation section after "
+                                        "`tokenprobe ablate`), or draws several runs and evals in one plot (with "
+                                        "a transfer matrix across corpora, and relative depth across models of "
+                                        "different depths). A scan folder is rebuilt on its own (report.md, "
+                                        "scan-heatmap.png, scan.csv).")
+    report.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR",
+                        help="run folder(s) of `tokenprobe train` or `eval`, or one of `tokenprobe scan`")
     report.add_argument("--out", type=Path, default=None,
                         help="folder for report.md and plot.png (default: the run folder for one run, "
                              "./tokenprobe-report for several)")
