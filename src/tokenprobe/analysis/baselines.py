@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from tokenprobe.analysis.bootstrap import Scorer
+from tokenprobe.data.positions import PositionSet
 from tokenprobe.data.prepare import Prepared
 from tokenprobe.extract.sinks import ActivationSource
 from tokenprobe.models.loading import LoadedModel
@@ -95,7 +96,7 @@ class BaselineSet:
     info: dict[str, object]
 
 
-def model_rows(prepared: Prepared, usable: np.ndarray, seed: int = 0,
+def model_rows(positions: PositionSet, usable: np.ndarray, seed: int = 0,
                threshold_positions: int = THRESHOLD_POSITIONS) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The positions where the model's own probability is computed: (rows, sample, first).
 
@@ -104,7 +105,6 @@ def model_rows(prepared: Prepared, usable: np.ndarray, seed: int = 0,
     indexes one row of each distinct (chunk, position) of `rows` (the balanced and natural sets share
     rows): the full softmax runs at ``rows[first]`` only.
     """
-    positions = prepared.positions
     train = positions.mask(TRAIN) & usable
     held_out = (positions.mask(EVAL) | positions.mask(EVAL_NATURAL)) & usable
     train_rows = np.flatnonzero(train)
@@ -147,7 +147,7 @@ def compute_baselines(loaded: LoadedModel, prepared: Prepared, source: Activatio
 
     # The model's own probability: held-out positions (each (chunk, position) once), plus a seeded
     # sample of training positions for the threshold (see model_rows).
-    rows, sample, first = model_rows(prepared, usable, seed, threshold_positions)
+    rows, sample, first = model_rows(positions, usable, seed, threshold_positions)
     keys = positions.chunk[rows] * (int(positions.position.max()) + 1) + positions.position[rows]
     inverse = np.searchsorted(keys[first], keys) if len(rows) else np.zeros(0, dtype=np.int64)
     scores = np.full(n, np.nan)

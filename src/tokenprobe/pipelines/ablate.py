@@ -51,6 +51,7 @@ from tokenprobe.files import default_cache_dir, json_safe, write_json
 from tokenprobe.locks import RunLock
 from tokenprobe.models.loading import LoadedModel, load_model
 from tokenprobe.models.surgery import Unembedding
+from tokenprobe.pipelines.train import say
 from tokenprobe.probes.base import Probe, load_probe, probe_files
 from tokenprobe.report.ablation import ABLATION
 
@@ -385,7 +386,7 @@ def ablate(run_dir: str | Path, options: AblateOptions | None = None, *, loaded:
     try:
         started = time.perf_counter()
         if loaded is None:
-            _say(f"Loading model {config.model} ...", quiet)
+            say(f"Loading model {config.model} ...", quiet)
             loaded = load_model(config.model, config.dtype, device or config.device, cache_dir, progress=progress)
         for probe in probes:
             probe.check_compatible(loaded)
@@ -400,13 +401,6 @@ def ablate(run_dir: str | Path, options: AblateOptions | None = None, *, loaded:
         if lock is not None:
             lock.release()
     return AblationResult(data=json_safe(data), path=run_dir / ABLATION if save else None)
-
-
-def _say(message: str, quiet: bool) -> None:
-    if not quiet:
-        import sys
-
-        print(message, file=sys.stderr, flush=True)
 
 
 def _run(config: RunConfig, options: AblateOptions, probes: list[Probe], loaded: LoadedModel, cache_dir: Path,
@@ -426,7 +420,7 @@ def _run(config: RunConfig, options: AblateOptions, probes: list[Probe], loaded:
     others = np.argwhere(~labels & valid)
     other_rows = others[np.sort(rng.choice(len(others), size=min(options.kl_positions, len(others)),
                                            replace=False))]
-    _say(f"Ablating the {probes[0].kind} probe's direction at layer(s) {', '.join(str(p.layer) for p in probes)}: "
+    say(f"Ablating the {probes[0].kind} probe's direction at layer(s) {', '.join(str(p.layer) for p in probes)}: "
          f"{len(chunks)} held-out chunks ({chunks.size:,} tokens), the target next at {len(target_rows):,} positions, "
          f"KL at {len(other_rows):,} others; {options.random} random directions per layer", quiet)
     passes = Passes(loaded, chunks, target_rows, other_rows, options.batch_size)

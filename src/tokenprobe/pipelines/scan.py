@@ -345,7 +345,8 @@ class OwnProbability:
         needed = []
         for target, where in zip(targets, positions.targets):
             if where.error is None:
-                rows, _, first = model_rows(target_view(pool, target, where), source.keep[where.rows], seed,
+                # the rows train's baseline would use: they need the target's positions, not its labels
+                rows, _, first = model_rows(where.position_set(pool.positions), source.keep[where.rows], seed,
                                             THRESHOLD_POSITIONS)
                 needed.append(where.rows[rows[first]])
         rows = np.unique(np.concatenate(needed)) if needed else np.zeros(0, np.int64)
