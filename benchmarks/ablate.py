@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     config = RunConfig()
     prepared = prepare_chunks(config, loaded, cache, progress=False)
     chunks = prepared.chunks[np.sort(prepared.split.eval[: math.ceil(args.max_tokens / config.context_length)])]
-    labels, valid = make_labeler("next", [506]).labels(chunks, has_bos=True)
+    labels, valid = make_labeler("next", [506]).labels(chunks, has_bos=prepared.bos_id is not None)
     targets = np.argwhere(labels & valid)
     others = np.argwhere(~labels & valid)[:128]
     layers = [int(x) for x in args.layers.split(",")]

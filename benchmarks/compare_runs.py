@@ -14,6 +14,8 @@ Compares three parts and prints one summary line for each:
                 compared.
 - results.csv   byte-identical, or else the same rows once parsed (line endings may differ).
 
+``--ignore KEY`` ignores more keys (``--ignore fit --ignore activations`` compares a run with its refit).
+
 Exit status: 0 when everything is identical, 1 when anything differs (the differences are listed,
 up to --limit per part), 2 for bad arguments (not a run folder).
 """
@@ -32,18 +34,18 @@ from safetensors.numpy import load_file
 IGNORED_KEYS = {"timings", "created", "versions", "tokens_per_second", "chunks_from_cache"}
 
 
-def json_differences(a, b, path: str = "") -> tuple[int, list[str]]:
+def json_differences(a, b, path: str = "", ignored: set[str] = IGNORED_KEYS) -> tuple[int, list[str]]:
     """(number of leaves compared, list of differences) for two parsed JSON trees."""
     if isinstance(a, dict) and isinstance(b, dict):
         count, diffs = 0, []
         for key in sorted(set(a) | set(b)):
-            if key in IGNORED_KEYS:
+            if key in ignored:
                 continue
             where = f"{path}/{key}"
             if key not in a or key not in b:
                 diffs.append(f"{where}: only in run {'A' if key in a else 'B'}")
                 continue
-            n, d = json_differences(a[key], b[key], where)
+            n, d = json_differences(a[key], b[key], where, ignored)
             count, diffs = count + n, diffs + d
         return count, diffs
     if isinstance(a, list) and isinstance(b, list):
@@ -51,7 +53,7 @@ def json_differences(a, b, path: str = "") -> tuple[int, list[str]]:
         if len(a) != len(b):
             diffs.append(f"{path}: list length {len(a)} != {len(b)}")
         for i, (x, y) in enumerate(zip(a, b)):
-            n, d = json_differences(x, y, f"{path}[{i}]")
+            n, d = json_differences(x, y, f"{path}[{i}]", ignored)
             count, diffs = count + n, diffs + d
         return count, diffs
     # Leaves: type and repr together (repr of a float is exact; tells -0.0 from 0.0 and 1 from 1.0).
@@ -59,14 +61,14 @@ def json_differences(a, b, path: str = "") -> tuple[int, list[str]]:
     return 1, [] if same else [f"{path}: {a!r} != {b!r}"]
 
 
-def compare_results_json(run_a: Path, run_b: Path) -> tuple[str, list[str]]:
+def compare_results_json(run_a: Path, run_b: Path, ignored: set[str] = IGNORED_KEYS) -> tuple[str, list[str]]:
     a = json.loads((run_a / "results.json").read_text())
     b = json.loads((run_b / "results.json").read_text())
-    count, diffs = json_differences(a, b)
+    count, diffs = json_differences(a, b, ignored=ignored)
     return f"results.json: {count:,} values " + ("compared" if diffs else "identical"), diffs
 
 
-def compare_probes(run_a: Path, run_b: Path) -> tuple[str, list[str]]:
+def compare_probes(run_a: Path, run_b: Path, ignored: set[str] = IGNORED_KEYS) -> tuple[str, list[str]]:
     names_a = {p.name for p in (run_a / "probes").glob("*.safetensors")}
     names_b = {p.name for p in (run_b / "probes").glob("*.safetensors")}
     diffs = [f"probes/{n}: only in run {'A' if n in names_a else 'B'}" for n in sorted(names_a ^ names_b)]
@@ -88,7 +90,7 @@ def compare_probes(run_a: Path, run_b: Path) -> tuple[str, list[str]]:
     return summary + ("compared" if diffs else "bit-identical"), diffs
 
 
-def compare_results_csv(run_a: Path, run_b: Path) -> tuple[str, list[str]]:
+def compare_results_csv(run_a: Path, run_b: Path, ignored: set[str] = IGNORED_KEYS) -> tuple[str, list[str]]:
     raw_a, raw_b = (run_a / "results.csv").read_bytes(), (run_b / "results.csv").read_bytes()
     rows_a, rows_b = (list(csv.reader(raw.decode().splitlines())) for raw in (raw_a, raw_b))
     if raw_a == raw_b:
@@ -104,29 +106,36 @@ def compare_results_csv(run_a: Path, run_b: Path) -> tuple[str, list[str]]:
     return f"results.csv: {len(rows_a) - 1:,} rows, " + ("differ" if diffs else "row-identical (bytes differ)"), diffs
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("run_a", type=Path, help="first run folder")
-    parser.add_argument("run_b", type=Path, help="second run folder")
-    parser.add_argument("--limit", type=int, default=50, help="differences listed per part (0: all)")
-    args = parser.parse_args(argv)
-    for run in (args.run_a, args.run_b):
-        if not (run / "results.json").is_file():
-            parser.error(f"{run} is not a tokenprobe run folder (no results.json)")
+def compare(run_a: Path, run_b: Path, limit: int = 50, ignored: set[str] = IGNORED_KEYS) -> bool:
+    """Prints one summary line per part (and up to `limit` differences); True when all are identical."""
     failed = False
-    for compare in (compare_results_json, compare_probes, compare_results_csv):
+    for part in (compare_results_json, compare_probes, compare_results_csv):
         try:
-            summary, diffs = compare(args.run_a, args.run_b)
+            summary, diffs = part(run_a, run_b, ignored)
         except (OSError, ValueError) as error:  # a missing or unreadable file is a difference too
-            summary, diffs = f"{compare.__name__[len('compare_'):]}: could not compare", [str(error)]
+            summary, diffs = f"{part.__name__[len('compare_'):]}: could not compare", [str(error)]
         print(summary + (f"; {len(diffs):,} difference(s):" if diffs else ""))
-        shown = diffs if args.limit <= 0 else diffs[: args.limit]
+        shown = diffs if limit <= 0 else diffs[:limit]
         for line in shown:
             print(f"  {line}")
         if len(diffs) > len(shown):
             print(f"  ... and {len(diffs) - len(shown):,} more (--limit 0 lists all)")
         failed = failed or bool(diffs)
-    return 1 if failed else 0
+    return not failed
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run_a", type=Path, help="first run folder")
+    parser.add_argument("run_b", type=Path, help="second run folder")
+    parser.add_argument("--limit", type=int, default=50, help="differences listed per part (0: all)")
+    parser.add_argument("--ignore", action="append", default=[], metavar="KEY",
+                        help="also ignore this results.json key wherever it appears (repeatable), e.g. fit")
+    args = parser.parse_args(argv)
+    for run in (args.run_a, args.run_b):
+        if not (run / "results.json").is_file():
+            parser.error(f"{run} is not a tokenprobe run folder (no results.json)")
+    return 0 if compare(args.run_a, args.run_b, args.limit, IGNORED_KEYS | set(args.ignore)) else 1
 
 
 if __name__ == "__main__":

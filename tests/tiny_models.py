@@ -2,7 +2,10 @@
 
 Everything is built locally: a byte-level BPE tokenizer is trained on a synthetic corpus (so ' the'
 is a single token), and each model is saved with ``save_pretrained`` so that tokenprobe loads it
-through the same path as a user's local model directory.
+through the same path as a user's local model directory. Every tokenizer names ``<bos>`` as its BOS
+token; as in the real families, the Gemma 3 and Llama ones add it to an encoded text (so ``--bos auto``
+starts their chunks with it) and the GPT-2 and Qwen2 ones do not (as GPT-2's own tokenizer, and Qwen's
+from a GGUF file, which names a BOS it never adds).
 """
 
 from __future__ import annotations
@@ -32,8 +35,13 @@ def synthetic_text(n_sentences: int, seed: int = 0) -> str:
     return "\n\n".join(paragraphs)
 
 
-def build_tokenizer(directory: Path):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+ADDS_BOS = {"gemma3": True, "llama": True, "gpt2": False, "qwen2": False}  # as each real family's tokenizer
+
+
+def build_tokenizer(directory: Path, adds_bos: bool = True):
+    """The tiny byte-level BPE tokenizer, saved in `directory`; `adds_bos`: its post-processor starts
+    every encoded text with ``<bos>`` (as Gemma's and Llama's do), else nothing adds it (GPT-2, Qwen)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE(unk_token=None))
@@ -44,6 +52,10 @@ def build_tokenizer(directory: Path):
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
     )
     tok.train_from_iterator(synthetic_text(2000, seed=1).splitlines(), trainer=trainer)
+    if adds_bos:
+        bos = tok.token_to_id("<bos>")
+        tok.post_processor = processors.TemplateProcessing(single="<bos> $A", pair="<bos> $A <bos> $B",
+                                                           special_tokens=[("<bos>", bos)])
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>")
     fast.save_pretrained(directory)
     return fast
@@ -82,7 +94,7 @@ def build_all(root: Path) -> dict[str, Path]:
     tokenizer = None
     for arch in ARCHITECTURES:
         folder = root / arch
-        tokenizer = build_tokenizer(folder)
+        tokenizer = build_tokenizer(folder, adds_bos=ADDS_BOS[arch])
         model = build_model(arch, len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id,
                             tokenizer.pad_token_id)
         model.save_pretrained(folder)

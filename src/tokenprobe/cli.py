@@ -1,4 +1,4 @@
-"""The `tokenprobe` command line: `train`, `scan`, `eval`, `ablate`, `inspect`, `report` and `viz`."""
+"""The `tokenprobe` command line: `train`, `fit`, `scan`, `eval`, `ablate`, `inspect`, `report` and `viz`."""
 
 from __future__ import annotations
 
@@ -32,6 +32,22 @@ def _cmd_train(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     result = train(config, out_dir=args.out, cache_dir=args.cache_dir, overwrite=args.overwrite,
                    progress=not args.quiet)
+    print(result.table())
+    best = result.best
+    print(f"\nbest layer {best.layer}: balanced accuracy {best.primary.balanced_accuracy:.3f}, "
+          f"AUROC {best.primary.auroc:.3f} on {best.primary.n:,} held-out positions")
+    print(f"run written to {result.out_dir}")
+    return 0
+
+
+def _cmd_fit(args: argparse.Namespace) -> int:
+    from tokenprobe.pipelines.fit import FIT_OPTIONS, fit_run
+
+    options = {name: getattr(args, name) for name in FIT_OPTIONS if getattr(args, name, None) is not None}
+    for name, value in options.items():
+        if isinstance(value, list) and len(value) == 1:
+            options[name] = value[0]
+    result = fit_run(args.run_dir, options, out_dir=args.out, overwrite=args.overwrite, progress=not args.quiet)
     print(result.table())
     best = result.best
     print(f"\nbest layer {best.layer}: balanced accuracy {best.primary.balanced_accuracy:.3f}, "
@@ -188,6 +204,25 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
     _cache_and_quiet(train)
     train.set_defaults(func=_cmd_train)
+
+    import dataclasses
+
+    from tokenprobe.config import RunConfig
+    from tokenprobe.pipelines.fit import FIT_OPTIONS
+
+    fit = sub.add_parser(
+        "fit", parents=[debug], help="retrain and rescore a run's probes from its kept activations, without the model",
+        description="Reads the activations a `tokenprobe train` run kept (RUN/activations/), fits the probes again "
+                    "with the options given here (the others are the run's), scores them against the baselines the "
+                    "run computed, and writes a new run folder. With no option it reproduces the run exactly.")
+    fit.add_argument("run_dir", type=Path, metavar="RUN", help="a run folder of `tokenprobe train` with activations/")
+    add_config_arguments(fit, exclude=tuple(f.name for f in dataclasses.fields(RunConfig) if f.name not in FIT_OPTIONS),
+                         unset="the run's", helps={"layers": "a subset of the run's probed layers",
+                                                   "device": "where the probes are fitted (auto: a GPU if there is one)"})
+    fit.add_argument("--out", type=Path, default=None, help="run folder (default: RUN-fit-<time> beside RUN)")
+    fit.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
+    fit.add_argument("--quiet", action="store_true", help="no progress bars or status lines")
+    fit.set_defaults(func=_cmd_fit)
 
     from tokenprobe.pipelines.scan import SCAN_DEFAULTS, SCAN_IGNORED
 

@@ -22,7 +22,12 @@ DEFAULT_CORPUS = "wiki-summaries"
 TASKS = ("next", "current")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda")
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")  # or a JSON file (transformers' device_map)
+LOAD_IN = ("8bit", "4bit")  # bitsandbytes
+BASELINE_KINDS = ("model", "lens", "stats")  # --baselines: the model's own prediction, logit lens, token statistics
 BALANCE_MODES = ("positions", "none")
+BOS_MODES = ("auto", "always", "never")  # see tokenprobe.data.text.resolve_bos
+LEGACY_BOS = "legacy"  # the `bos` of a config saved before --bos: the tokenizer's BOS wherever it has one
 PROBE_FAMILIES = ("linear", "mlp", "mean-diff", "sparse")  # see tokenprobe.probes.base.FAMILIES
 
 
@@ -101,6 +106,11 @@ class RunConfig:
         ),
     )
     context_length: int = field(default=256, metadata=_opt("tokens per chunk, BOS included"))
+    bos: str = field(
+        default="auto",
+        metadata=_opt("start every chunk with the tokenizer's BOS token: auto where the tokenizer itself adds "
+                      "one (Gemma, Llama; not GPT-2 or Qwen), always, or never"),
+    )
     dtype: str = field(
         default="auto",
         metadata=_opt(
@@ -110,6 +120,16 @@ class RunConfig:
         ),
     )
     device: str = field(default="auto", metadata=_opt("where the model runs", DEVICES))
+    device_map: str | None = field(
+        default=None,
+        metadata=_opt("spread the model over GPUs, the CPU and disk as Accelerate does: auto, balanced, "
+                      "balanced_low_0, sequential, or a JSON file mapping module names to devices (overrides "
+                      "--device for the model)"),
+    )
+    load_in: str | None = field(
+        default=None,
+        metadata=_opt("load the weights in 8 or 4 bits with bitsandbytes (needs it installed and a CUDA GPU)", LOAD_IN),
+    )
     batch_size: int | str = field(
         default=16,
         metadata=_opt(
@@ -167,11 +187,14 @@ class RunConfig:
         default=False,
         metadata=_opt("online-code description length per layer and family (Voita & Titov 2020)"),
     )
-    baselines: bool = field(
-        default=True,
+    baselines: str = field(
+        default="all",
         metadata=_opt(
-            "compare every probe with the model's own prediction, the logit lens and token statistics on the "
-            "same held-out positions (--no-baselines skips them and the extra last layer they need)"
+            "compare every probe with the model's own prediction (model), the logit lens (lens) and token "
+            "statistics (stats) on the same held-out positions: all, none, or a comma-separated subset such as "
+            "lens,stats. Only the model's own prediction needs every block: without it a run loads the blocks up "
+            "to its deepest probed layer only (--no-baselines is --baselines none)",
+            nargs="?", const="all", negative="none",
         ),
     )
     bootstrap: int = field(
@@ -182,9 +205,27 @@ class RunConfig:
         metadata=_opt("log each layer as a WandB run in one group per sweep (offline when no credentials)"),
     )
     wandb_project: str = field(default="tokenprobe", metadata=_opt("WandB project for --wandb"))
+    keep_activations: bool | None = field(
+        default=None,
+        metadata=_opt(
+            "keep the sampled positions' activations in the run folder (activations/), so `tokenprobe fit` can "
+            "retrain and rescore without the model (default: keep when they take under 2 GB)"
+        ),
+    )
+
+    def __post_init__(self) -> None:
+        if isinstance(self.baselines, bool):  # a config saved before --baselines took a subset
+            self.baselines = "all" if self.baselines else "none"
 
     def validate(self) -> None:
         """Checks that need no model; a TokenprobeError names the bad value and the fix."""
+        self.baseline_kinds()
+        if self.device_map is not None and self.device_map not in DEVICE_MAPS and not (
+                str(self.device_map).endswith(".json") and Path(self.device_map).is_file()):
+            raise TokenprobeError(f"--device-map {self.device_map!r}: use {', '.join(DEVICE_MAPS)}, or a JSON file "
+                                  "mapping module names to devices")
+        if self.load_in is not None and self.load_in not in LOAD_IN:
+            raise TokenprobeError(f"--load-in must be 8bit or 4bit, got {self.load_in!r}")
         task_offset(self.task)
         if self.labels is not None and self.label_regex is not None:
             raise TokenprobeError("give --labels or --label-regex, not both")
@@ -212,6 +253,8 @@ class RunConfig:
                 raise TokenprobeError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if self.context_length < 3:
             raise TokenprobeError(f"--context-length must be at least 3, got {self.context_length}")
+        if self.bos not in (*BOS_MODES, LEGACY_BOS):
+            raise TokenprobeError(f"--bos must be auto, always or never, got {self.bos!r}")
         if self.max_tokens is not None and self.max_tokens < self.context_length:
             raise TokenprobeError(
                 f"--max-tokens {self.max_tokens} is less than one chunk (--context-length {self.context_length})"
@@ -230,6 +273,23 @@ class RunConfig:
         self.probe_families()
         if self.mlp_width < 1:
             raise TokenprobeError(f"--mlp-width must be at least 1, got {self.mlp_width}")
+
+    def baseline_kinds(self) -> tuple[str, ...]:
+        """--baselines as the kinds it asks for, in BASELINE_KINDS order (empty for none); an error names a
+        bad one."""
+        spec = str(self.baselines).strip().lower()
+        if spec == "all":
+            return BASELINE_KINDS
+        if spec == "none":
+            return ()
+        names = [name.strip() for name in spec.split(",")]
+        unknown = [name for name in names if name not in BASELINE_KINDS]
+        if unknown or len(set(names)) != len(names):
+            raise TokenprobeError(
+                f"--baselines {self.baselines!r}: use all, none, or a comma-separated subset of "
+                f"{', '.join(BASELINE_KINDS)} (e.g. --baselines lens,stats)"
+                + (f"; {unknown[0]!r} is not one" if unknown else "; a kind is named twice"))
+        return tuple(kind for kind in BASELINE_KINDS if kind in names)
 
     def probe_families(self) -> list[str]:
         """The families of --probe, in order (the first is the primary one); an error names a bad one."""
@@ -269,8 +329,9 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RunConfig:
+        """A saved config (run.json, a probe file); one saved before --bos chunked as before it: LEGACY_BOS."""
         names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in names})
+        return cls(**{"bos": LEGACY_BOS, **{k: v for k, v in data.items() if k in names}})
 
 
 # --------------------------------------------------------------------------------------------- layers
@@ -372,9 +433,11 @@ def _base_type(tp: Any) -> type:
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, exclude: tuple[str, ...] = (),
-                         defaults: dict[str, Any] | None = None, helps: dict[str, str] | None = None) -> None:
+                         defaults: dict[str, Any] | None = None, helps: dict[str, str] | None = None,
+                         unset: str | None = None) -> None:
     """Adds one ``--flag`` per RunConfig field, with the field's default and help (but the fields in
-    `exclude`; `defaults` and `helps` replace a field's own, for a command that reads it otherwise)."""
+    `exclude`; `defaults` and `helps` replace a field's own, for a command that reads it otherwise).
+    With `unset`, every default is None and the help says `unset` instead (``fit``: "the run's")."""
     defaults, helps = defaults or {}, helps or {}
     for f in dataclasses.fields(RunConfig):
         if f.name in exclude:
@@ -382,9 +445,9 @@ def add_config_arguments(parser: argparse.ArgumentParser, exclude: tuple[str, ..
         meta = dict(f.metadata)
         if f.name in helps:
             meta["help"] = helps[f.name]
-        default = defaults.get(f.name, f.default)
+        default = None if unset else defaults.get(f.name, f.default)
         if _base_type(f.type) is bool:  # --wandb / --no-wandb
-            shown = f" (default: {default!r})" if default is not None else ""
+            shown = f" (default: {unset})" if unset else f" (default: {default!r})" if default is not None else ""
             parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, action=argparse.BooleanOptionalAction,
                                 default=default, help=f"{meta.get('help', '')}{shown}")
             continue
@@ -395,8 +458,12 @@ def add_config_arguments(parser: argparse.ArgumentParser, exclude: tuple[str, ..
             default=default,
             choices=meta.get("choices"),
             nargs=meta.get("nargs"),
-            help=f"{meta.get('help', '')} (default: {default!r})",
+            const=meta.get("const"),  # the value of the bare flag (--baselines: all)
+            help=f"{meta.get('help', '')} (default: {unset or repr(default)})",
         )
+        if meta.get("negative") is not None:  # --no-baselines, as --baselines none
+            parser.add_argument("--no-" + f.name.replace("_", "-"), dest=f.name, action="store_const",
+                                const=meta["negative"], help=f"same as --{f.name.replace('_', '-')} {meta['negative']}")
 
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:

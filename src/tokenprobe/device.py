@@ -110,8 +110,20 @@ class Placement:
         """The embedding's device takes the input; probes go to the first accelerator holding a
         parameter, else the CPU (a model split over devices keeps its probes in one place)."""
         embedding = model.get_input_embeddings()
-        input_device = next(embedding.parameters()).device if embedding is not None else \
-            next(model.parameters()).device
+        input_device = _execution_device(embedding) if embedding is not None else next(model.parameters()).device
         devices = {p.device for p in model.parameters() if p.device.type not in ("cpu", "meta")}
         probes = min(devices, key=lambda d: (d.type, d.index or 0)) if devices else torch.device("cpu")
         return cls(input=input_device, probes=probes)
+
+
+def _execution_device(module: nn.Module) -> torch.device:
+    """Where `module` computes: its parameters' device, or, for weights a ``device_map`` offloaded (kept on
+    the meta device and brought in by an Accelerate hook at each call), the hook's execution device."""
+    device = next(module.parameters()).device
+    if device.type != "meta":
+        return device
+    hook = getattr(module, "_hf_hook", None)
+    execution = getattr(hook, "execution_device", None)
+    if execution is None:
+        return torch.device("cpu")
+    return torch.device(execution) if not isinstance(execution, int) else torch.device("cuda", execution)

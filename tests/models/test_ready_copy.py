@@ -105,3 +105,34 @@ def test_a_cached_run_never_loads_the_tokenizer(ready, corpus_file, tmp_path, mo
     assert target == first_target and chunks.from_cache and chunks.bos_id == first_chunks.bos_id
     assert (chunks.ids == first_chunks.ids).all()
     assert AutoTokenizer.from_pretrained(folder).convert_ids_to_tokens(target.token_id) == target.token
+
+
+def test_weights_written_shard_by_shard_load_as_saved(ready, tmp_path):
+    """ShardWriter (the first run's writer: a few hundred MB at a time) gives a folder transformers loads
+    with exactly the tensors written, with its index when there are several shards."""
+    from safetensors import safe_open
+
+    from tokenprobe.models.ready_copy import ShardWriter
+
+    folder, model = ready
+    out = tmp_path / "sharded"
+    out.mkdir()
+    writer = ShardWriter(out, shard_bytes=20_000)
+    state = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight" or not
+             model.config.get_text_config().tie_word_embeddings}
+    for name, tensor in state.items():
+        writer.add(name, tensor.to(torch.bfloat16))
+    writer.close()
+    model.config.save_pretrained(out)
+    files = sorted(out.glob("*.safetensors"))
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert len(files) > 2 and set(index["weight_map"].values()) == {f.name for f in files}
+    assert set(index["weight_map"]) == set(state)
+    for file in files:
+        with safe_open(str(file), framework="pt") as f:
+            for key in f.keys():
+                assert torch.equal(f.get_tensor(key), state[key].to(torch.bfloat16)), key
+    loaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16)
+    got = loaded.state_dict()
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(got[name], tensor.to(torch.bfloat16)), name

@@ -34,24 +34,26 @@ def text():
     return synthetic_text(12, seed=5)
 
 
-def test_activations_equal_output_hidden_states_and_the_last_layer_is_before_the_final_norm(gpt2, text):
+@pytest.mark.parametrize("bos", ["auto", "always"])  # GPT-2's tokenizer adds no BOS: auto chunks start without
+def test_activations_equal_output_hidden_states_and_the_last_layer_is_before_the_final_norm(gpt2, text, bos):
     ids = gpt2.tokenizer(text, add_special_tokens=False)["input_ids"]
-    acts = activations(gpt2, text, context_length=CONTEXT)
+    acts = activations(gpt2, text, context_length=CONTEXT, bos=bos)
     assert acts.token_ids == ids and len(acts) == len(ids) > 3 * CONTEXT  # several chunks
     assert acts.layers == list(range(gpt2.num_layers + 1)) and acts.finite.all()
     assert "".join(acts.tokens) == text  # the pieces cover the text
-    bos = gpt2.tokenizer.bos_token_id
+    prefix = [gpt2.tokenizer.bos_token_id] if bos == "always" else []
+    body = CONTEXT - len(prefix)
     final_norm = find_final_norm(gpt2.model)
-    for start in range(0, len(ids), CONTEXT - 1):
-        chunk = torch.tensor([[bos] + ids[start : start + CONTEXT - 1]])
+    for start in range(0, len(ids), body):
+        chunk = torch.tensor([prefix + ids[start : start + body]])
         with torch.no_grad():
             reference = gpt2.model(input_ids=chunk, output_hidden_states=True).hidden_states
-        rows = slice(start, start + chunk.shape[1] - 1)
+        rows, first = slice(start, start + chunk.shape[1] - len(prefix)), len(prefix)
         for layer in range(gpt2.num_layers):
-            torch.testing.assert_close(acts[layer][rows], reference[layer][0, 1:], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(acts[layer][rows], reference[layer][0, first:], rtol=1e-5, atol=1e-5)
         last = acts[gpt2.num_layers][rows]
-        torch.testing.assert_close(final_norm(last), reference[-1][0, 1:], rtol=1e-5, atol=1e-5)
-        assert not torch.allclose(last, reference[-1][0, 1:], atol=1e-2)
+        torch.testing.assert_close(final_norm(last), reference[-1][0, first:], rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(last, reference[-1][0, first:], atol=1e-2)
 
 
 def test_activations_of_token_ids_equal_those_of_the_text(gpt2):
@@ -101,3 +103,43 @@ def test_bad_input_is_a_clear_error(gpt2_run, gpt2, tmp_path):
         activations(gpt2, [1, 10**7])
     with pytest.raises(TokenprobeError, match="layer 9 does not exist"):
         activations(gpt2, "The cat.", layers=[9])
+
+
+def _saved_before_bos(run: Path, out: Path) -> Path:
+    """A run's probe files as tokenprobe wrote them before --bos existed: no `bos` in their run config."""
+    from safetensors.torch import load_file, save_file
+
+    from tokenprobe.files import dumps_json
+    from tokenprobe.probes.base import METADATA_KEY, read_header
+
+    out.mkdir(parents=True)
+    for path in sorted((run / "probes").glob("layer*.safetensors")):
+        header = read_header(path)
+        header["config"] = {k: v for k, v in header["config"].items() if k != "bos"}
+        save_file(load_file(path), out / path.name, metadata={METADATA_KEY: dumps_json(header)})
+    return out
+
+
+def test_predict_and_viz_chunk_text_as_the_probes_run_did(gpt2_run, gpt2, text, tmp_path, session_cache):
+    """GPT-2's tokenizer names a BOS but never adds it: a --bos auto run's probes see chunks without BOS;
+    probes saved before --bos see chunks with it, as they were trained then."""
+    import json
+
+    record = json.loads((gpt2_run / "run.json").read_text())
+    assert record["config"]["bos"] == "auto" and record["corpus"]["bos_id"] is None
+    probes = load_probes(gpt2_run)
+    old = load_probes(_saved_before_bos(gpt2_run, tmp_path / "old"))
+    assert probes.bos == "auto" and old.bos == "legacy" and old.layers == probes.layers
+    predicted = {}
+    for name, probe_set, chunked in (("auto", probes, "never"), ("old", old, "always")):
+        pred = predicted[name] = probe_set.predict(text, loaded=gpt2)
+        acts = activations(gpt2, text, layers=probe_set.layers, context_length=CONTEXT, bos=chunked)
+        for i, probe in enumerate(probe_set):
+            expected = probe.predict_proba(acts[probe.meta.layer]).float().numpy()
+            np.testing.assert_allclose(pred.probabilities[i], expected, rtol=1e-5, atol=1e-6)
+    assert np.abs(predicted["auto"].probabilities - predicted["old"].probabilities).max() > 1e-3
+    page = visualize(sorted((tmp_path / "old").glob("*.safetensors")), text=text, loaded=gpt2,
+                     cache_dir=session_cache, write=False)
+    np.testing.assert_array_equal(page.probabilities, predicted["old"].probabilities)
+    with pytest.raises(TokenprobeError, match="different --bos"):
+        load_probes(gpt2_run / "probes" / "layer01.safetensors", tmp_path / "old" / "layer02.safetensors")

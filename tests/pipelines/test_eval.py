@@ -138,12 +138,12 @@ def test_another_model_is_refused_and_nothing_is_written(source_run, tiny_model_
     copy = tmp_path / "copied-run"
     shutil.copytree(source_run, copy)
     record = json.loads((copy / "run.json").read_text())
-    record["config"]["model"] = str(tiny_model_dirs["gpt2"])
+    record["config"]["model"] = str(tiny_model_dirs["gemma3"])  # the same tokenizer (it adds BOS), other weights
     (copy / "run.json").write_text(json.dumps(record))
     out = tmp_path / "eval"
     line = error_line(run_cli(["eval", copy, "--corpus", corpus_file, "--out", out, "--cache-dir", session_cache,
                                "--quiet"]))
-    assert "probe was trained on model llama" in line and "gpt2" in line
+    assert "probe was trained on model llama" in line and "gemma3" in line
     assert_nothing_written(out)
 
 

@@ -38,12 +38,13 @@ def gpt2(tiny_model_dirs, session_cache):
 def reference_probabilities(loaded, run: Path, ids: list[int], layer: int) -> np.ndarray:
     """The probe of `layer` on hidden states from transformers' own output_hidden_states, chunk by chunk."""
     probe = load_probe(run / "probes" / f"layer{layer:02d}.safetensors")
-    bos = loaded.tokenizer.bos_token_id
+    bos = json.loads((run / "run.json").read_text())["corpus"]["bos_id"]  # as the run chunked (GPT-2: none)
+    prefix = [] if bos is None else [bos]
     out = []
-    for start in range(0, len(ids), CONTEXT - 1):
-        chunk = torch.tensor([[bos] + ids[start : start + CONTEXT - 1]])
+    for start in range(0, len(ids), CONTEXT - len(prefix)):
+        chunk = torch.tensor([prefix + ids[start : start + CONTEXT - len(prefix)]])
         with torch.no_grad():
-            hidden = loaded.model(input_ids=chunk, output_hidden_states=True).hidden_states[layer][0, 1:]
+            hidden = loaded.model(input_ids=chunk, output_hidden_states=True).hidden_states[layer][0, len(prefix):]
         out.append(probe.predict_proba(hidden).numpy())
     return np.concatenate(out)
 
@@ -54,7 +55,7 @@ def test_probabilities_match_independent_forward_pass_over_several_chunks(gpt2_r
     text = synthetic_text(12, seed=5)
     result = visualize([gpt2_run], text=text, loaded=gpt2, cache_dir=session_cache, write=False)
     ids = gpt2.tokenizer(text, add_special_tokens=False)["input_ids"]
-    assert len(ids) > 3 * CONTEXT  # several chunks, so the BOS-per-chunk restart is exercised
+    assert len(ids) > 3 * CONTEXT  # several chunks, so the per-chunk restart is exercised
     assert result.token_ids.tolist() == ids
     assert result.layers == [0, 1, 2, 3]
     # output_hidden_states' last entry is after the final norm, ours before it: compare the others.
@@ -154,12 +155,14 @@ def test_corpus_sample_takes_held_out_chunks_of_the_run(gpt2_run, gpt2, session_
     run = json.loads((gpt2_run / "run.json").read_text())
     config = RunConfig.from_dict(run["config"])
     corpus = load_corpus(config.corpus)
-    chunks = load_chunks(corpus, lambda: gpt2.tokenizer, gpt2.tokenizer_hash, CONTEXT, session_cache, progress=False).ids
+    chunks, bos_id, _ = load_chunks(corpus, lambda: gpt2.tokenizer, gpt2.tokenizer_hash, CONTEXT, session_cache,
+                                    progress=False, bos=config.bos)
+    start = 0 if bos_id is None else 1  # GPT-2's tokenizer adds no BOS: with --bos auto, none
     split = split_chunks(len(chunks), config.eval_fraction, config.seed, config.max_tokens // CONTEXT)
     shown = [int(re.search(r"chunk (\d+)", d["title"]).group(1)) for d in result.data["documents"]]
     assert shown == [int(c) for c in split.eval[:3]]
     assert not set(shown) & {int(c) for c in split.train}
-    assert result.token_ids.tolist() == np.concatenate([chunks[c, 1:] for c in shown]).tolist()
+    assert result.token_ids.tolist() == np.concatenate([chunks[c, start:] for c in shown]).tolist()
 
 
 def test_cli_writes_the_page_and_prints_its_path(gpt2_run, session_cache, tmp_path, capsys):

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from tokenprobe import load_model, load_probe
-from tokenprobe.data.text import chunk_ids
+from tokenprobe.data.text import chunk_ids, resolve_bos
 from tokenprobe.pipelines.ablate import AblateOptions, ablate, edited, unit
 from tokenprobe.probes.base import ProbeMeta
 from tokenprobe.report.ablation import ABLATION
@@ -63,7 +63,7 @@ def model_probability(loaded, ids: list[int], target_ids: list[int], edit: tuple
     """P(any of target_ids next) at every token: a softmax of transformers' own logits, chunk by chunk (BOS
     first, as the page chunks), with `edit` = (layer, unit direction, mode, value) hooked in by ablate's own
     `edited` where given."""
-    bos = loaded.tokenizer.bos_token_id
+    bos = resolve_bos(loaded.tokenizer, "auto")  # as the run chunked (Llama: its BOS)
     logits = []
     for chunk in chunk_ids(ids, CONTEXT, bos):
         with torch.no_grad(), (edited(loaded, *edit) if edit is not None else nullcontext()):

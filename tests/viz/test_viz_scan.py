@@ -19,7 +19,7 @@ import torch
 
 from tokenprobe import RunConfig, TokenprobeError, load_model, load_probe, load_probes
 from tokenprobe.cli import main
-from tokenprobe.data.text import chunk_ids
+from tokenprobe.data.text import chunk_ids, resolve_bos
 from tokenprobe.pipelines.scan import SCAN_RESULTS, ScanOptions, scan
 from tokenprobe.probes.base import ProbeMeta
 from tokenprobe.viz import explore
@@ -133,7 +133,7 @@ def test_truth_for_each_target_comes_from_the_token_ids(run, page):
 
 def test_model_probability_of_every_target_equals_softmax_of_the_models_logits(run, qwen, page):
     ids = page.token_ids.tolist()
-    bos = qwen.tokenizer.bos_token_id
+    bos = resolve_bos(qwen.tokenizer, "auto")  # as the scan chunked (Qwen: no BOS)
     logits = []
     for chunk in chunk_ids(ids, CONTEXT, bos):
         with torch.no_grad():
@@ -272,7 +272,16 @@ def test_corpus_sample_of_a_scan_shows_its_held_out_chunks(run, qwen, session_ca
     truth = result.data["scan"]["truth_id"]
     first = len(result.data["tokens"]["id"]) // 2  # two chunks of equal length
     assert truth[: first - 1] == ids[1:first] and truth[first:-1] == ids[first + 1:]
-    assert truth[first - 1] is not None  # the corpus goes on after a chunk: its next chunk's first token
+    # The corpus goes on after a chunk: its next chunk's first token (after the corpus's last chunk, none).
+    from tokenprobe.data.prepare import prepare_chunks
+
+    prepared = prepare_chunks(RunConfig.from_dict(json.loads((run / SCAN_RESULTS).read_text())["config"]), qwen,
+                              session_cache, progress=False)
+    start = 0 if prepared.bos_id is None else 1
+    for k, title in enumerate(titles):
+        c = int(title.split()[2])
+        following = int(prepared.chunks[c + 1, start]) if c + 1 < len(prepared.chunks) else None
+        assert truth[(k + 1) * first - 1] == following
 
 
 def test_target_texts_cannot_break_out_of_the_page(run, qwen, session_cache, tmp_path):

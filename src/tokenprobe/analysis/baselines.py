@@ -13,17 +13,20 @@
 - ``majority``: always the training set's majority class.
 
 Every baseline's threshold is the one that maximises balanced accuracy on the training positions.
+``--baselines`` may ask for a subset (``model``, ``lens``, ``stats``; the majority class comes with any
+of them): only ``model`` needs the last layer, so a run without it need not load the deeper blocks.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from tokenprobe.analysis.bootstrap import Scorer
+from tokenprobe.config import BASELINE_KINDS
 from tokenprobe.data.positions import PositionSet
 from tokenprobe.data.prepare import Prepared
 from tokenprobe.extract.sinks import ActivationSource
@@ -117,53 +120,68 @@ def model_rows(positions: PositionSet, usable: np.ndarray, seed: int = 0,
     return rows, sample, first
 
 
+def baseline_kinds(baselines: bool | Collection[str]) -> tuple[str, ...]:
+    """What `score_run`'s `baselines` asks for: True all of BASELINE_KINDS, False none, else those named."""
+    if isinstance(baselines, bool):
+        return BASELINE_KINDS if baselines else ()
+    return tuple(kind for kind in BASELINE_KINDS if kind in baselines)
+
+
 def compute_baselines(loaded: LoadedModel, prepared: Prepared, source: ActivationSource, probed_layers: list[int],
                       seed: int = 0, model_probability: Callable[[np.ndarray], np.ndarray] | None = None,
-                      threshold_positions: int = THRESHOLD_POSITIONS) -> BaselineSet:
+                      threshold_positions: int = THRESHOLD_POSITIONS,
+                      kinds: Collection[str] = BASELINE_KINDS) -> BaselineSet:
     """Baseline scores at every position of the prepared positions (NaN where not computed).
 
-    `source` must hold every probed layer and the last layer (``loaded.num_layers``); its `keep`
-    marks positions whose batch was finite. `model_probability`, given position rows, returns the
-    model's own probability of the target there (a scan computes it for every target at once); by
-    default it is computed here from the last layer.
+    `kinds`: which of ``model``, ``lens`` and ``stats`` (BASELINE_KINDS) to compute; the majority class
+    comes with any of them. `source` must hold every probed layer, and for ``model`` the last layer
+    (``loaded.num_layers``); its `keep` marks positions whose batch was finite. `model_probability`,
+    given position rows, returns the model's own probability of the target there (a scan computes it
+    for every target at once); by default it is computed here from the last layer.
     """
     positions, usable, target_id = prepared.positions, source.keep, prepared.target.token_ids
     n = len(positions)
     train = positions.mask(TRAIN) & usable
     held_out = (positions.mask(EVAL) | positions.mask(EVAL_NATURAL)) & usable
-    unembed = Unembedding.of(loaded.model)
     scorers: dict[ScorerKey, Scorer] = {}
-    info: dict[str, object] = {"descriptions": DESCRIPTIONS, "final_logit_softcapping": unembed.softcap,
-                               "final_norm": type(unembed.norm).__name__ if unembed.norm is not None else None}
+    info: dict[str, object] = {"descriptions": DESCRIPTIONS}
+    if list(kinds) != list(BASELINE_KINDS):
+        info["kinds"] = list(kinds)  # a subset (--baselines): the record says which
+    unembed = Unembedding.of(loaded.model) if "model" in kinds or "lens" in kinds else None
+    if unembed is not None:
+        info.update(final_logit_softcapping=unembed.softcap,
+                    final_norm=type(unembed.norm).__name__ if unembed.norm is not None else None)
 
     def scorer(scores: np.ndarray) -> Scorer:
         return Scorer(scores=scores, threshold=choose_threshold(positions.label[train], scores[train]))
 
-    for layer in probed_layers:
+    for layer in probed_layers if "lens" in kinds else ():
         scores = np.full(n, np.nan)
         rows = np.flatnonzero(train | held_out)
         scores[rows] = unembed.target_logit(source.layer(layer)[torch.from_numpy(rows)], target_id)
         scorers[lens_key(layer)] = scorer(scores)
 
-    # The model's own probability: held-out positions (each (chunk, position) once), plus a seeded
-    # sample of training positions for the threshold (see model_rows).
-    rows, sample, first = model_rows(positions, usable, seed, threshold_positions)
-    keys = positions.chunk[rows] * (int(positions.position.max()) + 1) + positions.position[rows]
-    inverse = np.searchsorted(keys[first], keys) if len(rows) else np.zeros(0, dtype=np.int64)
-    scores = np.full(n, np.nan)
-    if model_probability is not None:
-        scores[rows] = model_probability(rows[first])[inverse]
-    else:
-        unique = torch.from_numpy(rows[first])
-        scores[rows] = unembed.target_probability(source.layer(loaded.num_layers)[unique], target_id)[inverse]
-    threshold = choose_threshold(positions.label[sample], scores[sample])
-    scorers[baseline_key(MODEL)] = Scorer(scores=scores, threshold=threshold)
-    info["model_threshold_positions"] = int(len(sample))
-    info["model_positions"] = int(len(first))
+    if "model" in kinds:
+        # The model's own probability: held-out positions (each (chunk, position) once), plus a seeded
+        # sample of training positions for the threshold (see model_rows).
+        rows, sample, first = model_rows(positions, usable, seed, threshold_positions)
+        keys = positions.chunk[rows] * (int(positions.position.max()) + 1) + positions.position[rows]
+        inverse = np.searchsorted(keys[first], keys) if len(rows) else np.zeros(0, dtype=np.int64)
+        scores = np.full(n, np.nan)
+        if model_probability is not None:
+            scores[rows] = model_probability(rows[first])[inverse]
+        else:
+            unique = torch.from_numpy(rows[first])
+            scores[rows] = unembed.target_probability(source.layer(loaded.num_layers)[unique], target_id)[inverse]
+        threshold = choose_threshold(positions.label[sample], scores[sample])
+        scorers[baseline_key(MODEL)] = Scorer(scores=scores, threshold=threshold)
+        info["model_threshold_positions"] = int(len(sample))
+        info["model_positions"] = int(len(first))
 
-    chunks = prepared.chunks
-    table = token_statistics(chunks, prepared.labels, prepared.valid, prepared.split.train)
-    scorers[baseline_key(TOKEN_STATS)] = scorer(table[chunks[positions.chunk, positions.position]])
+    if "stats" in kinds:
+        chunks = prepared.chunks
+        table = token_statistics(chunks, prepared.labels, prepared.valid, prepared.split.train)
+        scorers[baseline_key(TOKEN_STATS)] = scorer(table[chunks[positions.chunk, positions.position]])
 
     majority = float(positions.label[train].mean() > 0.5)
     scorers[baseline_key(MAJORITY)] = Scorer(scores=np.full(n, majority), threshold=0.5)

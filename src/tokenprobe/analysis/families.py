@@ -111,10 +111,16 @@ class FamilyEvaluation:
 
 
 def _scorers(fitted: dict[str, dict[int, Any]], source: ActivationSource, n: int):
-    scorers = {}
-    for family, probes in fitted.items():
-        scorers.update(score_probes(probes, source, n, key=lambda layer, f=family: family_key(f, layer)))
-    return scorers
+    """Every family's scorer of every layer, keyed family by family; computed layer by layer, so a source
+    that reads layers from disk (the activation store) reads each once."""
+    made = {}
+    for layer in sorted({layer for probes in fitted.values() for layer in probes}):
+        for family, probes in fitted.items():
+            if layer in probes:
+                made.update(score_probes({layer: probes[layer]}, source, n,
+                                         key=lambda layer, f=family: family_key(f, layer)))
+    return {family_key(family, layer): made[family_key(family, layer)]
+            for family, probes in fitted.items() for layer in probes}
 
 
 def score_families(prepared: Prepared, source: ActivationSource, fitted: dict[str, dict[int, Any]],

@@ -8,14 +8,14 @@ layers and between the best layer and each baseline.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Collection
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 
-from tokenprobe.analysis.baselines import DESCRIPTIONS, compute_baselines
+from tokenprobe.analysis.baselines import DESCRIPTIONS, BaselineSet, baseline_kinds, compute_baselines
 from tokenprobe.analysis.bootstrap import Evaluation, Scorer, evaluate, pairwise_differences
 from tokenprobe.analysis.metrics import BaselineResult, BinaryMetrics, Intervals
 from tokenprobe.data.prepare import Prepared
@@ -45,6 +45,8 @@ class RunEvaluation:
     baselines: list[BaselineResult]
     comparisons: dict[str, Any]
     info: dict[str, Any]
+    # Each baseline's scores over all positions and its threshold, by str(key): kept in the activation store
+    baseline_scores: dict[str, tuple[np.ndarray, float]] = field(default_factory=dict)
 
     def probe_metrics(self, layer: int) -> dict[str, BinaryMetrics]:
         metrics = self.evaluation.metrics[probe_key(layer)]
@@ -116,16 +118,21 @@ def score_probes(probes: dict[int, Any], source: ActivationSource, n_positions: 
 
 
 def score_run(loaded: LoadedModel, prepared: Prepared, source: ActivationSource, probes: dict[int, Any],
-              baselines: bool = True, resamples: int = 1000, seed: int = 0, sets: tuple[str, ...] = REPORTED_SETS,
+              baselines: bool | Collection[str] = True, resamples: int = 1000, seed: int = 0,
+              sets: tuple[str, ...] = REPORTED_SETS, made: BaselineSet | None = None,
               **baseline_options: Any) -> RunEvaluation:
-    """Scores every probe and, with `baselines`, every baseline at all positions, then evaluates them on
+    """Scores every probe and, with `baselines` (True: all; or the kinds ``--baselines`` names), every
+    baseline at all positions, then evaluates them on
     each of `sets` with `resamples` chunk-bootstrap resamples. With baselines `source` must hold the last layer
-    (or `baseline_options` give `model_probability`: see compute_baselines)."""
+    (or `baseline_options` give `model_probability`: see compute_baselines), unless `made` gives the
+    baselines already scored (`tokenprobe fit` reads them from the activation store; then `loaded` is
+    not used and `prepared` needs only its `positions`)."""
     positions, usable, layers = prepared.positions, source.keep, list(probes)
     scorers = score_probes(probes, source, len(positions))
     info: dict[str, Any] = {}
     if baselines:
-        made = compute_baselines(loaded, prepared, source, layers, seed, **baseline_options)
+        made = made or compute_baselines(loaded, prepared, source, layers, seed, kinds=baseline_kinds(baselines),
+                                         **baseline_options)
         scorers.update(made.scorers)
         info = {**made.info, "thresholds": {key: s.threshold for key, s in made.scorers.items()}}
     sets = {s: np.flatnonzero(positions.mask(s) & usable) for s in sets}
@@ -138,5 +145,6 @@ def score_run(loaded: LoadedModel, prepared: Prepared, source: ActivationSource,
             held = {s: m for s, m in ev.metrics[key].items() if s in HELD_OUT}
             intervals: dict[str, Intervals] = {s: ev.intervals(key, s) for s in held}
             run_baselines.append(BaselineResult(name, DESCRIPTIONS[name], held, intervals))
+    kept = {str(key): (s.scores, s.threshold) for key, s in made.scorers.items()} if baselines else {}
     return RunEvaluation(evaluation=ev, layers=layers, baselines=run_baselines,
-                         comparisons=_summary(ev, layers, baselines), info=info)
+                         comparisons=_summary(ev, layers, bool(baselines)), info=info, baseline_scores=kept)

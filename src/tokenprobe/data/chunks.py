@@ -1,9 +1,11 @@
 """Tokenized, fixed-length chunks of a corpus, cached on disk.
 
 Documents are tokenized one by one, joined with a blank line's tokens into one stream, and cut
-into chunks of ``context_length`` tokens, each starting with the tokenizer's BOS token when it has
-one. Every chunk is full, so no padding or attention mask is ever needed. The cache file is keyed by
-the corpus content, the tokenizer and the context length, and carries a checksum of its data.
+into chunks of ``context_length`` tokens, each starting with the tokenizer's BOS token where ``--bos``
+says so (by default where the tokenizer itself adds one: :func:`tokenprobe.data.text.resolve_bos`).
+Every chunk is full, so no padding or attention mask is ever needed. The cache file is keyed by the
+corpus content, the tokenizer, the context length and the BOS choice, and carries a checksum of its
+data.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from safetensors.torch import load_file, save
 from tqdm.auto import tqdm
 
 from tokenprobe.data.corpus import Corpus
+from tokenprobe.data.text import resolve_bos
 from tokenprobe.errors import TokenprobeError
 from tokenprobe.files import atomic_write_bytes
 
@@ -34,8 +37,11 @@ class Chunks(NamedTuple):
     from_cache: bool
 
 
-def chunk_cache_path(cache_dir: Path, corpus: Corpus, tokenizer_hash: str, context_length: int) -> Path:
-    key = hashlib.sha256(f"{CACHE_VERSION}|{corpus.sha256}|{tokenizer_hash}|{context_length}".encode()).hexdigest()
+def chunk_cache_path(cache_dir: Path, corpus: Corpus, tokenizer_hash: str, context_length: int,
+                     bos: str = "auto") -> Path:
+    """The cache file of these chunks; `bos` is the --bos choice (with the tokenizer, it decides the BOS)."""
+    key = hashlib.sha256(f"{CACHE_VERSION}|{corpus.sha256}|{tokenizer_hash}|{context_length}|bos={bos}".encode())
+    key = key.hexdigest()
     return cache_dir / "chunks" / f"{key[:24]}.safetensors"
 
 
@@ -95,18 +101,20 @@ def load_chunks(
     context_length: int,
     cache_dir: Path,
     progress: bool = True,
+    bos: str = "auto",
 ) -> Chunks:
-    """The corpus as chunks of `context_length` tokens, from the cache or tokenized now.
+    """The corpus as chunks of `context_length` tokens, from the cache or tokenized now, each starting
+    with BOS as `bos` (the run's --bos) resolves for this tokenizer.
 
     `get_tokenizer` returns the tokenizer; it is called only when the chunks are not cached, so a
-    cached run need not load the tokenizer at all.
+    cached run need not load the tokenizer at all (the resolved BOS is stored with the chunks).
     """
-    path = chunk_cache_path(cache_dir, corpus, tokenizer_hash, context_length)
+    path = chunk_cache_path(cache_dir, corpus, tokenizer_hash, context_length, bos)
     cached = _load_cached(path)
     if cached is not None:
         return cached
     tokenizer = get_tokenizer()
-    bos_id = tokenizer.bos_token_id
+    bos_id = resolve_bos(tokenizer, bos)
     chunks = make_chunks(tokenize_stream(corpus.documents, tokenizer, progress), context_length, bos_id)
     if len(chunks) == 0:
         raise TokenprobeError(
@@ -119,6 +127,7 @@ def load_chunks(
         "corpus_sha256": corpus.sha256,
         "tokenizer_sha256": tokenizer_hash,
         "context_length": str(context_length),
+        "bos": bos,
         "bos_id": json.dumps(bos_id),
         "info": json.dumps({"corpus": corpus.name, "documents": len(corpus.documents)}),
     }

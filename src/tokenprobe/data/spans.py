@@ -26,6 +26,7 @@ import numpy as np
 
 from tokenprobe.data.chunks import SEPARATOR, make_chunks, tokenize_stream
 from tokenprobe.data.labels import SPAN_TASK_PREFIXES
+from tokenprobe.data.text import resolve_bos
 from tokenprobe.errors import TokenprobeError
 
 Span = tuple[int, int]
@@ -260,11 +261,11 @@ class SpanLabeler:
 
     @classmethod
     def build(cls, documents, spans: list[list[Span]], tokenizer, context_length: int, spec: str,
-              question: str | None = None) -> SpanLabeler:
+              question: str | None = None, bos: str = "auto") -> SpanLabeler:
         """Tokenizes `documents` with offsets and cuts their span labels for `context_length` and the
-        tokenizer's BOS, as load_chunks would; `labels` then refuses any other chunks."""
+        BOS that `bos` (--bos) resolves to, as load_chunks would; `labels` then refuses any other chunks."""
         stream = span_stream(documents, spans, tokenizer)
-        return cls.from_stream(stream.ids, stream.labels, context_length, tokenizer.bos_token_id, spec, question)
+        return cls.from_stream(stream.ids, stream.labels, context_length, resolve_bos(tokenizer, bos), spec, question)
 
     @property
     def positives(self) -> int:
@@ -303,9 +304,9 @@ def is_span_task(task: str) -> bool:
     return task.startswith(SPAN_TASK_PREFIXES)
 
 
-def make_span_labeler(task: str, corpus, tokenizer, context_length: int) -> SpanLabeler:
-    """The labeler of ``--task regex:<pattern>`` or ``--task spans:<file.jsonl>`` for a corpus; a task
-    with no positive token anywhere is an error."""
+def make_span_labeler(task: str, corpus, tokenizer, context_length: int, bos: str = "auto") -> SpanLabeler:
+    """The labeler of ``--task regex:<pattern>`` or ``--task spans:<file.jsonl>`` for a corpus (chunked
+    with BOS as `bos`, the run's --bos, says); a task with no positive token anywhere is an error."""
     documents = _documents_of(corpus)
     if task.startswith("regex:"):
         pattern = task.removeprefix("regex:")
@@ -321,7 +322,7 @@ def make_span_labeler(task: str, corpus, tokenizer, context_length: int) -> Span
         question = f"is this token inside a span of {Path(path).name}"
     else:
         raise TokenprobeError(f"task {task!r} is not a span task: use regex:<pattern> or spans:<file.jsonl>")
-    labeler = SpanLabeler.build(documents, spans, tokenizer, context_length, task, question)
+    labeler = SpanLabeler.build(documents, spans, tokenizer, context_length, task, question, bos)
     if labeler.positives == 0:
         raise TokenprobeError(
             f"{source} marks no token of the corpus's chunks: nothing to probe for; check the pattern or the spans"

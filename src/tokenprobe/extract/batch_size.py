@@ -82,9 +82,9 @@ def _cpu_batch_size(loaded, sample, wanted_chunks, context_length):
     limit = min(CPU_MAX_BATCH, len(sample), max(1, wanted_chunks))
     if available is not None:
         limit = max(1, min(limit, int(0.5 * available // per_chunk)))
-    depth = min(PROBE_DEPTH, loaded.num_layers)
+    depth = min(PROBE_DEPTH, loaded.loaded_blocks)  # a model loaded in part has only its first blocks
     # Chunks the probe may run through `depth` blocks: a share of what the run itself computes.
-    budget = PROBE_BUDGET * wanted_chunks * loaded.num_layers / depth
+    budget = PROBE_BUDGET * wanted_chunks * loaded.loaded_blocks / depth
     sizes = [n for n in (2**k for k in range(CPU_MAX_BATCH.bit_length())) if n <= limit]
     affordable = [n for i, n in enumerate(sizes) if CALLS_PER_SIZE * sum(sizes[: i + 1]) <= budget]
     if len(affordable) < MIN_SIZES_PROBED and len(sizes) >= MIN_SIZES_PROBED:

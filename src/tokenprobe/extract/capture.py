@@ -40,15 +40,21 @@ class LayerCapture:
         self.nonfinite: set[int] = set()
         self.rows: torch.Tensor | None = None  # batch row of each wanted position
         self.cols: torch.Tensor | None = None  # position within the chunk
+        self.placed: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}  # (rows, cols) on each device
+
+    def _indices(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(rows, cols) on `device`: a model spread over devices (device_map) keeps its blocks apart, and each
+        layer's hidden states are indexed where they are (moved once per batch and device)."""
+        if device not in self.placed:
+            self.placed[device] = (self.rows.to(device), self.cols.to(device))
+        return self.placed[device]
 
     def _store(self, layer: int, hidden: torch.Tensor) -> None:
         if isinstance(hidden, (tuple, list)):
             hidden = hidden[0]
         if not _all_finite(hidden):
             self.nonfinite.add(layer)
-        # each layer indexed on its own device: a model spread over devices (device_map) keeps its blocks apart
-        rows, cols = (self.rows, self.cols) if hidden.device == self.rows.device else \
-            (self.rows.to(hidden.device), self.cols.to(hidden.device))
+        rows, cols = self._indices(hidden.device)
         self.captured[layer] = hidden[rows, cols]
         if layer == self.deepest:
             raise _StopForward
@@ -74,6 +80,7 @@ class LayerCapture:
         """Hidden states at (rows, cols) for every hooked layer, and the layers that were not finite."""
         self.captured, self.nonfinite = {}, set()
         self.rows, self.cols = rows, cols
+        self.placed = {rows.device: (rows, cols)}
         try:
             model(input_ids=input_ids, use_cache=False)
         except _StopForward:

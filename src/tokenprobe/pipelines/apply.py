@@ -1,7 +1,7 @@
 """Probes and activations from Python: the hidden states a probe expects, for any text.
 
 ``activations(model, text)`` returns the residual stream exactly as training captured it (the same
-hooks, the same chunking with BOS, the last layer before the final norm: transformers'
+hooks, the same chunking with BOS as ``--bos`` decides, the last layer before the final norm: transformers'
 ``output_hidden_states`` reports the last layer after it, where a probe trained here reads noise).
 ``load_probes(RUN_OR_FILES).predict(text, loaded=model)`` runs every probe on every token in one
 forward pass, stopped after the deepest probe's layer.
@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tokenprobe.data.text import chunk_ids, tokenize_text
+from tokenprobe.data.text import chunk_ids, resolve_bos, tokenize_text
 from tokenprobe.errors import TokenprobeError
 from tokenprobe.extract.extract import extract_chunks
 from tokenprobe.extract.sinks import MemorySink
@@ -31,7 +31,7 @@ class Activations:
     """The residual stream at every token of one text: ``acts[layer]`` is (n_tokens, hidden).
 
     Layer 0 is the embedding output as the first block receives it, layer l the output of block l
-    (the last one before the final norm). BOS, which every chunk starts with, is not among the tokens.
+    (the last one before the final norm). BOS, which chunks may start with (``--bos``), is not among the tokens.
     """
 
     token_ids: list[int]
@@ -70,28 +70,29 @@ def _tokens(loaded: LoadedModel, text_or_ids: str | Sequence[int]) -> tuple[list
 
 
 def _run(loaded: LoadedModel, ids: list[int], layers: list[int], context_length: int,
-         batch_size: int) -> tuple[MemorySink, torch.Tensor]:
-    """Each layer's states at every position of `ids` chunked as training chunks, and the rows of
-    those that are the text's tokens (not the BOS each chunk starts with), in order."""
+         batch_size: int, bos: str) -> tuple[MemorySink, torch.Tensor]:
+    """Each layer's states at every position of `ids` chunked as training chunks (BOS as `bos`, a
+    --bos choice, resolves), and the rows of those that are the text's tokens (not a BOS), in order."""
     if context_length < 2:
         raise TokenprobeError(f"context_length must be at least 2, got {context_length}")
     bad = [layer for layer in layers if not 0 <= layer <= loaded.num_layers]
     if bad:
         raise TokenprobeError(f"layer {bad[0]} does not exist: {loaded.name} has layers 0 to {loaded.num_layers}")
-    bos = loaded.tokenizer.bos_token_id
-    acts, lengths = extract_chunks(loaded, chunk_ids(ids, context_length, bos), layers, batch_size)
-    start = 1 if bos is not None else 0
+    bos_id = resolve_bos(loaded.tokenizer, bos)
+    acts, lengths = extract_chunks(loaded, chunk_ids(ids, context_length, bos_id), layers, batch_size)
+    start = 1 if bos_id is not None else 0
     rows = np.concatenate([np.arange(s + start, s + n) for s, n in zip(np.cumsum(lengths) - lengths, lengths)])
     return acts, torch.from_numpy(rows)
 
 
 def activations(loaded: LoadedModel, text_or_ids: str | Sequence[int], layers: Sequence[int] | str = "all", *,
-                context_length: int = DEFAULT_CONTEXT_LENGTH, batch_size: int = 8) -> Activations:
+                context_length: int = DEFAULT_CONTEXT_LENGTH, batch_size: int = 8, bos: str = "auto") -> Activations:
     """The hidden states training would capture for a text (or token ids), at `layers` ("all" or a list).
 
     The text is tokenized without special tokens and cut into chunks of `context_length` tokens, each
-    starting with the tokenizer's BOS, as training chunks its corpus; pass the probes' context
-    length to see what they saw. One forward pass per batch, stopped after the deepest layer asked.
+    starting with the tokenizer's BOS where `bos` says so (as ``--bos``: auto, always or never), as
+    training chunks its corpus; pass the probes' context length and ``bos`` (``ProbeSet.bos``) to see
+    what they saw. One forward pass per batch, stopped after the deepest layer asked.
     """
     if isinstance(layers, str) and layers != "all":
         raise TokenprobeError(f"layers must be 'all' or a list of layer numbers, got {layers!r}")
@@ -100,7 +101,7 @@ def activations(loaded: LoadedModel, text_or_ids: str | Sequence[int], layers: S
     if not layers:
         raise TokenprobeError("no layers asked for")
     ids, tokens = _tokens(loaded, text_or_ids)
-    acts, rows = _run(loaded, ids, layers, context_length, batch_size)
+    acts, rows = _run(loaded, ids, layers, context_length, batch_size, bos)
     return Activations(ids, tokens, layers, {layer: acts.layer(layer)[rows] for layer in layers},
                        acts.keep[rows.numpy()])
 
@@ -170,6 +171,9 @@ class ProbeSet:
                     f"probes come from different models or context lengths ({first.model.name} ctx "
                     f"{first.context_length} vs {meta.model.name} ctx {meta.context_length}); load them apart"
                 )
+            if meta.bos != first.bos:
+                raise TokenprobeError(f"probes were trained on chunks with different --bos ({first.bos} vs "
+                                      f"{meta.bos}); load them apart")
         keys = [self.key(p) for p in self.probes]
         if len(set(keys)) != len(keys):
             twice = next(k for k in keys if keys.count(k) > 1)
@@ -196,6 +200,11 @@ class ProbeSet:
     def context_length(self) -> int:
         return int(self.probes[0].meta.context_length)
 
+    @property
+    def bos(self) -> str:
+        """The probes' --bos (``legacy`` for probes saved before it: BOS wherever the tokenizer has one)."""
+        return self.probes[0].meta.bos
+
     def check(self, loaded: LoadedModel) -> None:
         """Refuses a model or tokenizer other than the probes' (or one without their layers)."""
         for probe in self.probes:
@@ -203,10 +212,10 @@ class ProbeSet:
 
     def predict(self, text_or_ids: str | Sequence[int], loaded: LoadedModel, batch_size: int = 8) -> Prediction:
         """Every probe's probability at every token of a text (or token ids), from one forward pass
-        through training's own capture code, chunked to the probes' context length."""
+        through training's own capture code, chunked to the probes' context length and --bos."""
         self.check(loaded)
         ids, tokens = _tokens(loaded, text_or_ids)
-        acts, rows = _run(loaded, ids, self.layers, self.context_length, batch_size)
+        acts, rows = _run(loaded, ids, self.layers, self.context_length, batch_size, self.bos)
         probabilities = np.empty((len(self.probes), len(ids)), dtype=np.float32)
         with torch.inference_mode():
             for i, probe in enumerate(self.probes):  # on every row, as `tokenprobe viz` does: the same figures

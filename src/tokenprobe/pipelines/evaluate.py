@@ -30,6 +30,7 @@ from tokenprobe.files import default_cache_dir, json_safe
 from tokenprobe.models.loading import LoadedModel
 from tokenprobe.pipelines.run_dir import RUN_RECORD, RunDir
 from tokenprobe.pipelines.train import (
+    ProbeSubject,
     RunResult,
     extract_stage,
     layer_results,
@@ -268,7 +269,8 @@ def _evaluate(source: EvalSource, config: RunConfig, run_dir: RunDir | None, sav
                          "created": source.record.get("created"), "config": source.record.get("config")}}
     family = next(iter(source.probes))
     results = [dataclasses.replace(r, probe_file=str(source.files[(family, r.layer)]))
-               for r in layer_results(config, loaded, prepared, record, primary, scored, save=False, describe=False)]
+               for r in layer_results(config, ProbeSubject.of(loaded, prepared), record, primary, scored, save=False,
+                                             describe=False)]
     transfer = transfer_block(source.path, source.results, record, json_safe([r.to_dict() for r in results]),
                               json_safe(families.to_dict()) if families is not None else None)
     timings["total_s"] = time.perf_counter() - started

@@ -170,7 +170,7 @@ def scan(
     timings["forward_s"] = stats.seconds
 
     probability = None
-    if planned.baselines:
+    if "model" in planned.baselines:
         t = time.perf_counter()
         probability = OwnProbability.compute(loaded, pool, source, targets, positions, config.seed, progress)
         timings["model_probability_s"] = time.perf_counter() - t
@@ -184,9 +184,9 @@ def scan(
     timings["total_s"] = time.perf_counter() - started
     results = {"kind": "scan", "config": record["config"], "model": record["model"], "task": config.task,
                "question": pool.labeler.question, "layers": layers, "dtype": record["dtype"],
-               "baselines": planned.baselines, "intervals": record["intervals"], "positions": record["positions"],
+               "baselines": "model" in planned.baselines, "intervals": record["intervals"], "positions": record["positions"],
                "timings": timings, "targets": entries}
-    if not planned.baselines and config.baselines:
+    if not planned.baselines and config.baseline_kinds():
         results["baselines_skipped"] = planned.baselines_skipped
 
     if run_dir is not None:
@@ -221,7 +221,8 @@ def positions_stage(config: RunConfig, options: ScanOptions, loaded: LoadedModel
     quiet = not progress
     prepared = prepare_chunks(config, loaded, cache_dir, progress)
     say(f"Corpus {prepared.corpus.name}: {len(prepared.corpus.documents):,} documents, {len(prepared.chunks):,} "
-        f"chunks of {config.context_length} tokens{' (cached)' if prepared.chunks_from_cache else ''}", quiet)
+        f"chunks of {config.context_length} tokens {prepared.bos_note()}"
+        f"{' (cached)' if prepared.chunks_from_cache else ''}", quiet)
     _, offset = parse_task(config.task)
     ahead, valid = future_tokens(prepared.chunks, offset, prepared.bos_id is not None)
     targets = choose_targets(options, loaded, ahead, prepared)
@@ -247,7 +248,7 @@ def positions_stage(config: RunConfig, options: ScanOptions, loaded: LoadedModel
 
 def targets_stage(config: RunConfig, loaded: LoadedModel, record: dict[str, Any], pool: Prepared,
                   source: ActivationSource, targets: list[Target], positions: ScanPositions, layers: list[int],
-                  baselines: bool, probability: OwnProbability | None, timings: dict[str, float],
+                  baselines: tuple[str, ...], probability: OwnProbability | None, timings: dict[str, float],
                   progress: bool, workers: int | None = None) -> tuple[list[dict[str, Any]], dict[int, dict[int, LinearProbe]]]:
     """Each target fitted and scored on its positions: its scan.json entry, and its probes (with metadata).
 
@@ -431,7 +432,7 @@ class TargetRun:
 
 
 def target_run(config: RunConfig, loaded: LoadedModel, pool: Prepared, source: ActivationSource, target: Target,
-               where: TargetPositions, layers: list[int], baselines: bool,
+               where: TargetPositions, layers: list[int], baselines: tuple[str, ...],
                probability: OwnProbability | None) -> TargetRun:
     """One target's probes (fitted as `train` fits them, see fit_target) and figures (score_run itself)."""
     view = target_view(pool, target, where)
@@ -445,7 +446,7 @@ def target_run(config: RunConfig, loaded: LoadedModel, pool: Prepared, source: A
                    "threshold_positions": THRESHOLD_POSITIONS}
     # Held-out figures only: a scan reports no training-set figures, and they cost as much again.
     scored = score_run(loaded, view, rows, probes, baselines, config.bootstrap, config.seed, sets=(EVAL,), **options)
-    return TargetRun(layers=layers, probes=probes, scored=scored, baselines=baselines,
+    return TargetRun(layers=layers, probes=probes, scored=scored, baselines=bool(baselines),
                      seconds={"fit": fitted - t, "score": time.perf_counter() - fitted})
 
 

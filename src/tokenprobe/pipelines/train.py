@@ -9,6 +9,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -18,13 +19,16 @@ from tqdm.auto import tqdm
 from tokenprobe.analysis.families import FamilyEvaluation, score_families
 from tokenprobe.analysis.metrics import BaselineResult, LayerResult
 from tokenprobe.analysis.scoring import RunEvaluation, score_run
-from tokenprobe.config import RunConfig, parse_layers, run_name, sweep_name
+from tokenprobe.config import RunConfig, parse_layers, run_name, sweep_name, task_offset
 from tokenprobe.data.labels import ControlTask
+from tokenprobe.data.positions import PositionSet
 from tokenprobe.data.prepare import Prepared, prepare
 from tokenprobe.device import dtype_name
 from tokenprobe.errors import TokenprobeError
-from tokenprobe.extract.extract import ExtractionStats, extract_positions
-from tokenprobe.extract.sinks import CheckpointSink, MemorySink
+from tokenprobe.extract.extract import ExtractionStats, extract, extract_positions
+from tokenprobe.extract.plan import RunPlan
+from tokenprobe.extract.sinks import ActivationSource, CheckpointSink, MemorySink
+from tokenprobe.extract.store import DEFAULT_KEEP_BYTES, KeepSink, LayerViews, StoreSource, finish_store, move_store
 from tokenprobe.files import default_cache_dir, json_safe, write_json
 from tokenprobe.models.loading import LoadedModel, load_model
 from tokenprobe.pipelines.run_dir import RUN_RECORD, RunDir, default_out_dir
@@ -91,7 +95,7 @@ class ExtractionPlan:
     batch size, and the checkpoint finished batches go to."""
 
     layers: list[int]
-    baselines: bool
+    baselines: tuple[str, ...]  # the kinds computed (model, lens, stats; see --baselines): empty for none
     batch_size: int
     checkpoint: CheckpointSink
     baselines_skipped: str | None = None  # why the baselines were asked for but do not apply
@@ -121,7 +125,7 @@ def train(
     timings: dict[str, float] = {}
     started = time.perf_counter()
 
-    loaded = load_stage(config, loaded, cache_dir, progress)
+    loaded = load_stage(config, loaded, cache_dir, progress, partial=True)
     timings["load_model_s"] = time.perf_counter() - started
     layers = parse_layers(config.layers, loaded.num_layers)
 
@@ -134,10 +138,12 @@ def train(
     say(f"Layers {','.join(map(str, layers))}: one forward pass per batch, stopping after layer {max(layers)}", quiet)
 
     planned = plan_stage(config, loaded, prepared, layers, cache_dir, timings, quiet)
-    source, stats = extract_stage(loaded, prepared, planned, progress)
+    source, stats = extract_stage(loaded, prepared, planned, progress, store=True)
     timings["forward_s"] = stats.seconds
 
-    fitted = fit_stage(config, loaded, prepared, source, layers, progress, timings)
+    positions = prepared.positions
+    tokens = prepared.chunks[positions.chunk, positions.position]
+    fitted = fit_stage(config, positions, tokens, source, layers, loaded.placement.probes, progress, timings)
     probes, pos_weight = fitted.primary, fitted.pos_weight
     for family, by_layer in fitted.probes.items():
         summary = _fit_summary(config, family, list(by_layer.values()))
@@ -163,8 +169,12 @@ def train(
         timings["families_scoring_s"] = time.perf_counter() - t
 
     record = record_stage(config, loaded, prepared, layers, stats, pos_weight, timings, scored)
-    results = layer_results(config, loaded, prepared, record, probes, scored, save)
-    others = family_files(config, loaded, prepared, record, fitted, families, save)
+    keep = save and keep_store(config, source, quiet)
+    record["activations"] = {"kept": keep, "bytes": source.nbytes(), "layers": source.layers,
+                             "path": ACTIVATIONS if keep else None}
+    subject = ProbeSubject.of(loaded, prepared)
+    results = layer_results(config, subject, record, probes, scored, save)
+    others = family_files(config, subject, record, fitted, families, save)
     timings["total_s"] = time.perf_counter() - started
 
     if run_dir is not None:
@@ -175,6 +185,10 @@ def train(
             for file, probe in others.items():
                 probe.save(staging / file)
             write_outputs(staging, record, results, scored, families)
+            if keep:  # last: a failure before this leaves the checkpoint where a rerun finds it
+                finish_store(source, positions, tokens, layers, scored.baseline_scores, scored.info,
+                             planned.checkpoint.ingredients)
+                move_store(source, staging / ACTIVATIONS)
 
         out_dir = run_dir.publish(default_out_dir(config, loaded.name), write)
     planned.checkpoint.remove()  # only now: until the run is saved, a rerun can resume from it
@@ -188,14 +202,45 @@ def train(
 
 # -------------------------------------------------------------------------------------------- stages
 
+ACTIVATIONS = "activations"  # the kept activation store, in the run folder
 
-def load_stage(config: RunConfig, loaded: LoadedModel | None, cache_dir: Path, progress: bool) -> LoadedModel:
+
+def keep_store(config: RunConfig, source: StoreSource, quiet: bool) -> bool:
+    """Whether the store outlives the run (--keep-activations / --no-keep-activations, else under 2 GB),
+    said in one line either way."""
+    size = source.nbytes()
+    keep = config.keep_activations if config.keep_activations is not None else size < DEFAULT_KEEP_BYTES
+    why = "" if config.keep_activations is not None else (
+        " (under 2 GB; --no-keep-activations drops them)" if keep else " (2 GB or more; --keep-activations keeps them)")
+    if keep:
+        say(f"Activations: {_size(size)} kept in the run folder ({ACTIVATIONS}/){why}; `tokenprobe fit RUN` "
+            "retrains from them without the model", quiet)
+    else:
+        say(f"Activations: {_size(size)} not kept{why}", quiet)
+    return keep
+
+
+def _size(n: int) -> str:
+    return f"{n / 1024**3:.2f} GB" if n >= 1024**3 else f"{n / 1024**2:.0f} MB"
+
+
+def load_stage(config: RunConfig, loaded: LoadedModel | None, cache_dir: Path, progress: bool,
+               partial: bool = False) -> LoadedModel:
+    """The model (loaded here unless given) and its checks. With `partial` (train) only the blocks the run
+    needs are loaded: up to its deepest probed layer, unless a baseline needs the last one (see
+    blocks_needed); the layers are checked against the model's depth before any weight is read."""
     quiet = not progress
     if loaded is None:
         say(f"Loading model {config.model} ...", quiet)
-        loaded = load_model(config.model, config.dtype, config.device, cache_dir, progress=progress)
+        loaded = load_model(config.model, config.dtype, config.device, cache_dir, progress=progress,
+                            blocks=blocks_needed(config) if partial else None, device_map=config.device_map,
+                            load_in=config.load_in)
+        if loaded.partial:
+            loaded.load_note = f"{loaded.load_note}: {_partial_reason(config, loaded.num_layers)}"
     say(f"Model {loaded.name}: {loaded.num_layers} layers, width {loaded.hidden_size}, {dtype_name(loaded.dtype)} on "
         f"{loaded.placement.input}", quiet)
+    if loaded.partial:
+        say(f"Loaded {loaded.load_note}", quiet)
     if loaded.dtype == torch.float16:
         log.warning("float16 overflows in some models (Gemma 3 among them); bad batches will be skipped")
     if loaded.max_positions and config.context_length > loaded.max_positions:
@@ -205,21 +250,56 @@ def load_stage(config: RunConfig, loaded: LoadedModel | None, cache_dir: Path, p
     return loaded
 
 
+def needs_last_layer(config: RunConfig) -> bool:
+    """Whether a run's baselines need the model's last layer: the model's own prediction does, and it is
+    computed only where the task is the next token (as plan_stage decides, from the config alone)."""
+    return "model" in config.baseline_kinds() and task_offset(config.task) == 1 and config.span_labels is None
+
+
+def blocks_needed(config: RunConfig) -> Callable[[int], int | None]:
+    """For load_model: given the model's depth, how many blocks the run needs (None: all of them). Raises
+    the --layers error for a layer beyond the model before any weight is loaded."""
+    def needed(num_layers: int) -> int | None:
+        layers = parse_layers(config.layers, num_layers)
+        if needs_last_layer(config):
+            return None
+        return max(1, max(layers))  # layer L is the output of block L-1; layer 0 hooks block 0's input
+
+    return needed
+
+
+def _partial_reason(config: RunConfig, num_layers: int) -> str:
+    """Why load_stage loaded only some blocks, for the status line and the run record."""
+    deepest = max(parse_layers(config.layers, num_layers))
+    kinds = config.baseline_kinds()
+    without = ("--no-baselines" if not kinds else f"--baselines {config.baselines}" if "model" not in kinds else
+               f"--task {config.task}" + (" and span labels" if config.span_labels else ""))
+    return (f"the deepest probed layer is {deepest}" + (" (block 0 is loaded for its input)" if deepest == 0 else "")
+            + f", and with {without} no baseline needs the model's own prediction from its last layer")
+
+
 def plan_stage(config: RunConfig, loaded: LoadedModel, prepared: Prepared, layers: list[int], cache_dir: Path,
                timings: dict[str, float], quiet: bool) -> ExtractionPlan:
-    """The layers to extract, the batch size (``auto`` probed here), and the resume checkpoint."""
+    """The layers to extract, the baselines computed, the batch size (``auto`` probed here), and the resume
+    checkpoint."""
     # The model's own prediction (a baseline) needs the last layer's residual even when it is not probed.
     # The baselines predict the next token: for other tasks they would answer another question.
-    baselines = config.baselines and prepared.labeler.predicts_next_token
+    asked = config.baseline_kinds()
+    baselines = asked if prepared.labeler.predicts_next_token else ()
     skipped = None
-    if config.baselines and not baselines:
+    if asked and not baselines:
         skipped = "they predict the next token, " + (
             "and --task current asks about this one" if prepared.target is not None and config.task == "current"
             else f"and this run asks: {prepared.labeler.question} ...?")
         say(f"Baselines skipped: {skipped}", quiet)
-    extract_layers = sorted({*layers, loaded.num_layers}) if baselines else layers
+    extract_layers = sorted({*layers, loaded.num_layers}) if "model" in baselines else layers
     if extract_layers != layers:
         say(f"Baselines: also extracting layer {loaded.num_layers} for the model's own prediction", quiet)
+    if max(extract_layers) > loaded.loaded_blocks:
+        raise TokenprobeError(
+            f"layer {max(extract_layers)} is needed but this model holds only blocks 0-{loaded.loaded_blocks - 1} of "
+            f"{loaded.num_layers} ({loaded.load_note or 'loaded with blocks='}); load it whole, or probe no deeper"
+            + ("" if "model" not in baselines else " and pass --baselines lens,stats"))
     positions = prepared.positions
     checkpoint = CheckpointSink.for_run(cache_dir, loaded, prepared.chunks, positions, extract_layers)
     batch_size = config.batch_size
@@ -239,34 +319,47 @@ def plan_stage(config: RunConfig, loaded: LoadedModel, prepared: Prepared, layer
                           checkpoint=checkpoint, baselines_skipped=skipped)
 
 
-def extract_stage(loaded: LoadedModel, prepared: Prepared, planned: ExtractionPlan,
-                  progress: bool) -> tuple[MemorySink, ExtractionStats]:
-    """One forward pass per batch into memory and the checkpoint (read back where a run was interrupted)."""
+def extract_stage(loaded: LoadedModel, prepared: Prepared, planned: ExtractionPlan, progress: bool,
+                  store: bool = False) -> tuple[MemorySink | StoreSource, ExtractionStats]:
+    """One forward pass per batch into the checkpoint (read back where a run was interrupted) and, unless
+    `store`, into memory. With `store` the checkpoint's shards are the activation store and the source
+    reads them one layer at a time (train); without it every layer stays in memory (scan, eval)."""
+    positions = prepared.positions
     try:
-        memory, stats = extract_positions(loaded, prepared.chunks, prepared.positions, planned.layers,
-                                          planned.batch_size, planned.checkpoint, progress)
+        if store:
+            usable = KeepSink(len(positions))
+            stats = extract(loaded, prepared.chunks, RunPlan.of(positions), positions.position, planned.layers,
+                            planned.batch_size, [usable, planned.checkpoint], resume=planned.checkpoint,
+                            progress=progress)
+            source = StoreSource(planned.checkpoint.folder, RunPlan.of(positions), stats.batch_size, planned.layers,
+                                 len(positions), loaded.hidden_size, _stored_dtype(loaded.dtype), usable.keep)
+        else:
+            source, stats = extract_positions(loaded, prepared.chunks, positions, planned.layers,
+                                              planned.batch_size, planned.checkpoint, progress)
     except TokenprobeError:
         planned.checkpoint.remove()  # a rerun would only meet the same error
         raise
     if stats.bad_batches:
         log.warning(f"skipped {stats.bad_batches} of {stats.batches} batches with NaN/Inf hidden states")
-    return memory, stats
+    return source, stats
 
 
-def fit_stage(config: RunConfig, loaded: LoadedModel, prepared: Prepared, source: MemorySink, layers: list[int],
-              progress: bool, timings: dict[str, float]) -> Fitted:
+def _stored_dtype(dtype: torch.dtype) -> torch.dtype:
+    return dtype if dtype.is_floating_point else torch.float32
+
+
+def fit_stage(config: RunConfig, positions: PositionSet, tokens: np.ndarray, source: ActivationSource,
+              layers: list[int], device: torch.device, progress: bool, timings: dict[str, float]) -> Fitted:
     """Each family's probe of each probed layer (not the extra baseline layer) on the usable training
-    positions; with the control task the same again on the control labels; with --mdl, each one's
-    online-code description length."""
-    positions = prepared.positions
+    positions; with the control task the same again on the control labels (`tokens`: the token at each
+    position); with --mdl, each one's online-code description length."""
     train_rows = torch.from_numpy(np.flatnonzero(positions.mask(TRAIN) & source.keep))
     train_labels = torch.from_numpy(positions.label)[train_rows]
     groups = torch.from_numpy(positions.chunk)[train_rows]
     pos_weight = pos_weight_for(train_labels, config.pos_weight_cap)
-    # Views of each probed layer: the training rows are gathered one layer at a time inside each fit.
-    views = [source.layer(layer) for layer in layers]
-    common = dict(rows=train_rows, groups=groups, seed=config.seed, config=config,
-                  device=loaded.placement.probes, progress=progress)
+    # Each probed layer, read when a fit reaches it: the training rows are gathered one layer at a time.
+    views = LayerViews(source, layers)
+    common = dict(rows=train_rows, groups=groups, seed=config.seed, config=config, device=device, progress=progress)
     t = time.perf_counter()
     probes = {family: dict(zip(layers, fit_family(family, views, train_labels, pos_weight=pos_weight, **common)))
               for family in config.probe_families()}
@@ -276,8 +369,7 @@ def fit_stage(config: RunConfig, loaded: LoadedModel, prepared: Prepared, source
         t = time.perf_counter()
         rate = float(train_labels.float().mean())
         fitted.control_task = ControlTask(rate=rate, seed=config.seed)
-        current = prepared.chunks[positions.chunk, positions.position]
-        fitted.control_labels = fitted.control_task.labels_of(current)
+        fitted.control_labels = fitted.control_task.labels_of(tokens)
         control_train = torch.from_numpy(fitted.control_labels)[train_rows]
         control_weight = pos_weight_for(control_train, config.pos_weight_cap)
         fitted.control = {family: dict(zip(layers, fit_control(family, views, control_train, list(by_layer.values()),
@@ -290,7 +382,7 @@ def fit_stage(config: RunConfig, loaded: LoadedModel, prepared: Prepared, source
         with tqdm(total=len(layers) * len(probes), desc="Description length (online code)", unit="probe",
                   disable=not progress, dynamic_ncols=True) as bar:
             for layer, view in zip(layers, views):
-                x = view[train_rows.to(view.device)].to(loaded.placement.probes, torch.float32)
+                x = view[train_rows.to(view.device)].to(device, torch.float32)
                 for family in probes:
                     fitted.mdl[(family, layer)] = description_length(family, x, train_labels, groups=groups,
                                                                      seed=config.seed, config=config)
@@ -309,7 +401,11 @@ def record_stage(config: RunConfig, loaded: LoadedModel, prepared: Prepared, lay
         "sweep_name": sweep_name(config, loaded.name),
         "model": {"name": loaded.name, "source": loaded.source, "weights_hash": loaded.weights_hash,
                   "tokenizer_hash": loaded.tokenizer_hash, "architecture": type(loaded.model).__name__,
-                  "num_layers": loaded.num_layers, "hidden_size": loaded.hidden_size},
+                  "num_layers": loaded.num_layers, "hidden_size": loaded.hidden_size,
+                  "loaded_blocks": loaded.loaded_blocks, **({"loaded": loaded.load_note} if loaded.partial else {}),
+                  # of what was loaded (fewer blocks when only early layers are probed)
+                  "parameters": sum(p.numel() for p in loaded.model.parameters()),
+                  "parameter_bytes": sum(p.numel() * p.element_size() for p in loaded.model.parameters())},
         "layers": layers,
         "dtype": dtype_name(loaded.dtype),
         "device": str(loaded.placement.input),
@@ -327,19 +423,33 @@ def record_stage(config: RunConfig, loaded: LoadedModel, prepared: Prepared, lay
     }
 
 
-def layer_results(config: RunConfig, loaded: LoadedModel, prepared: Prepared, record: dict[str, Any],
-                  probes: dict[int, Probe], scored: RunEvaluation, save: bool,
-                  describe: bool = True) -> list[LayerResult]:
+@dataclass(frozen=True)
+class ProbeSubject:
+    """What a run's probes are about, as their files name it: the model (display name and identity) and
+    the target (name and token ids)."""
+
+    model_name: str
+    model: ModelIdentity
+    target: str
+    target_ids: list[int]
+
+    @classmethod
+    def of(cls, loaded: LoadedModel, prepared: Prepared) -> ProbeSubject:
+        return cls(loaded.name, ModelIdentity.of(loaded), target_name(prepared), target_ids(prepared))
+
+
+def layer_results(config: RunConfig, subject: ProbeSubject, record: dict[str, Any], probes: dict[int, Probe],
+                  scored: RunEvaluation, save: bool, describe: bool = True) -> list[LayerResult]:
     """Each layer's results, and (with `describe`) each probe's metadata (which refers to the run record);
     `tokenprobe eval` keeps the saved probes' own metadata."""
     results = []
     for layer, probe in probes.items():
         metrics = scored.probe_metrics(layer)
-        name = run_name(config, layer, loaded.name)
+        name = run_name(config, layer, subject.model_name)
         if describe:
             probe.meta = ProbeMeta(
-                kind=probe.kind, layer=layer, task=config.task, target=target_name(prepared),
-                target_ids=target_ids(prepared), model=ModelIdentity.of(loaded),
+                kind=probe.kind, layer=layer, task=config.task, target=subject.target,
+                target_ids=subject.target_ids, model=subject.model,
                 context_length=config.context_length, dtype=record["dtype"], run_name=name,
                 tokenprobe_version=_version(), fit=probe.fit_info, metrics={k: m.to_dict() for k, m in metrics.items()},
                 config=record["config"], corpus={k: record["corpus"][k] for k in ("name", "sha256")},
@@ -388,8 +498,8 @@ def target_record(prepared: Prepared) -> dict[str, Any]:
     return out
 
 
-def family_files(config: RunConfig, loaded: LoadedModel, prepared: Prepared, record: dict[str, Any],
-                 fitted: Fitted, families: FamilyEvaluation | None, save: bool) -> dict[str, Probe]:
+def family_files(config: RunConfig, subject: ProbeSubject, record: dict[str, Any], fitted: Fitted,
+                 families: FamilyEvaluation | None, save: bool) -> dict[str, Probe]:
     """The other families' probes with their metadata, by file (``probes/<family>-layerNN.safetensors``);
     their results in `families` point to those files. Control-task probes are not kept."""
     files: dict[str, Probe] = {}
@@ -402,10 +512,10 @@ def family_files(config: RunConfig, loaded: LoadedModel, prepared: Prepared, rec
                 file = f"probes/{family}-layer{layer:02d}.safetensors"
                 metrics = families.of(family, layer).metrics if families is not None else {}
                 probe.meta = ProbeMeta(
-                    kind=probe.kind, layer=layer, task=config.task, target=target_name(prepared),
-                    target_ids=target_ids(prepared), model=ModelIdentity.of(loaded),
+                    kind=probe.kind, layer=layer, task=config.task, target=subject.target,
+                    target_ids=subject.target_ids, model=subject.model,
                     context_length=config.context_length, dtype=record["dtype"],
-                    run_name=run_name(config, layer, loaded.name).replace("probe-", f"probe-{family}-", 1),
+                    run_name=run_name(config, layer, subject.model_name).replace("probe-", f"probe-{family}-", 1),
                     tokenprobe_version=_version(), fit=probe.fit_info,
                     metrics={k: m.to_dict() for k, m in metrics.items()}, config=record["config"],
                     corpus={k: record["corpus"][k] for k in ("name", "sha256")}, sweep_name=record["sweep_name"],

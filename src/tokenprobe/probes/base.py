@@ -96,6 +96,14 @@ class ProbeMeta:
     created: str | None = None
     run_record: str | None = RUN_RECORD  # the run record, relative to the probe file
 
+    @property
+    def bos(self) -> str:
+        """The run's --bos (auto, always, never), or ``legacy`` for a probe saved before --bos existed:
+        its chunks started with the tokenizer's BOS wherever the tokenizer has one."""
+        from tokenprobe.config import LEGACY_BOS
+
+        return (self.config or {}).get("bos", LEGACY_BOS)
+
     def to_dict(self) -> dict[str, Any]:
         """The flat form stored in the file (and shown by ``inspect --json``)."""
         out = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("model", "fit")}

@@ -38,7 +38,7 @@ import torch
 from tokenprobe.config import RunConfig, task_offset
 from tokenprobe.data.labels import make_labeler
 from tokenprobe.data.prepare import prepare_chunks
-from tokenprobe.data.text import chunk_ids, pieces_from_decoding, tokenize_text
+from tokenprobe.data.text import chunk_ids, pieces_from_decoding, resolve_bos, tokenize_text
 from tokenprobe.errors import TokenprobeError
 from tokenprobe.extract.extract import extract_chunks
 from tokenprobe.files import atomic_write_bytes, default_cache_dir, json_safe
@@ -50,7 +50,7 @@ from tokenprobe.vocabulary import EVAL, EVAL_NATURAL
 log = logging.getLogger(__name__)
 
 # Probe metadata that must agree across all probes shown on one page.
-SHARED_KEYS = ("model", "task", "target_ids", "context_length", "dtype")
+SHARED_KEYS = ("model", "task", "target_ids", "context_length", "bos", "dtype")
 PAGE_TEMPLATE = Path(__file__).with_name("page.html")
 SCAN_RESULTS = "scan.json"  # tokenprobe.pipelines.scan.SCAN_RESULTS (not imported: it pulls in all of training)
 # A scan page's probabilities: round(p * PROB_SCALE) as little-endian uint16, PROB_NAN where NaN, base64.
@@ -318,8 +318,10 @@ class _Prepared:
         return out
 
 
-def _prepare_texts(texts: list[tuple[str | None, str]], tokenizer, context_length: int) -> _Prepared:
-    bos = tokenizer.bos_token_id
+def _prepare_texts(texts: list[tuple[str | None, str]], tokenizer, context_length: int,
+                   bos_mode: str = "auto") -> _Prepared:
+    """The texts chunked as the probes' run chunked its corpus: `context_length`, BOS as its --bos."""
+    bos = resolve_bos(tokenizer, bos_mode)
     prep = _Prepared([], [], [], [], [], [])
     for title, text in texts:
         ids, pieces = tokenize_text(tokenizer, text)
@@ -579,7 +581,7 @@ def visualize(
             title = None
         if not text or not text.strip():
             raise TokenprobeError("the text is empty; pass some text with --text or --file")
-        prep = _prepare_texts([(title, text)], loaded.tokenizer, context_length)
+        prep = _prepare_texts([(title, text)], loaded.tokenizer, context_length, meta.bos)
 
     offset = _task_offset(meta.task)
     # A next-token page shows the model's own probability of the target(s): the last layer too.
