@@ -45,8 +45,9 @@ def test_cli_train_writes_a_complete_run(tiny_model_dirs, corpus_file, tmp_path,
     assert "bal.acc" in result.stdout and "best layer" in result.stdout
     assert "Loading weights" not in result.stderr and "it/s" not in result.stderr  # --quiet: no bars, ours or transformers'
     # the next-token task trains a control task by default: its table, plot and CSV come too
-    assert sorted(p.name for p in out.iterdir()) == ["families.csv", "families.png", "plot.png", "probes", "report.md",
-                                                     "results.csv", "results.json", "run.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["activations", "families.csv", "families.png", "plot.png",
+                                                     "probes", "report.md", "results.csv", "results.json", "run.json"]
+    assert (out / "activations" / "store.json").is_file()  # kept: a small run's store is under 2 GB
     assert "select." in result.stdout and "control" in result.stdout
     results = json.loads((out / "results.json").read_text())
     layers = results["layers"]
