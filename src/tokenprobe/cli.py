@@ -32,6 +32,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     result = train(config, out_dir=args.out, cache_dir=args.cache_dir, overwrite=args.overwrite,
                    progress=not args.quiet)
+    return _print_run(result)
+
+
+def _print_run(result) -> int:
+    """A train or fit run's table, its best layer and where it was written."""
     print(result.table())
     best = result.best
     print(f"\nbest layer {best.layer}: balanced accuracy {best.primary.balanced_accuracy:.3f}, "
@@ -48,12 +53,7 @@ def _cmd_fit(args: argparse.Namespace) -> int:
         if isinstance(value, list) and len(value) == 1:
             options[name] = value[0]
     result = fit_run(args.run_dir, options, out_dir=args.out, overwrite=args.overwrite, progress=not args.quiet)
-    print(result.table())
-    best = result.best
-    print(f"\nbest layer {best.layer}: balanced accuracy {best.primary.balanced_accuracy:.3f}, "
-          f"AUROC {best.primary.auroc:.3f} on {best.primary.n:,} held-out positions")
-    print(f"run written to {result.out_dir}")
-    return 0
+    return _print_run(result)
 
 
 def _cmd_scan(args: argparse.Namespace) -> int:

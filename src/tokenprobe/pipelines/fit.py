@@ -39,7 +39,7 @@ from tokenprobe.pipelines.train import (
     fit_stage,
     layer_results,
     say,
-    write_outputs,
+    write_run,
 )
 from tokenprobe.probes.base import ModelIdentity, load_probe, probe_files
 from tokenprobe.vocabulary import LOGIT_LENS, MAJORITY, MODEL, TOKEN_STATS, ScorerKey, baseline_key
@@ -190,12 +190,7 @@ def fit_run(run_dir: str | Path, options: dict[str, Any] | None = None, *, out_d
     written = None
     if run_folder is not None:
         def write(staging: Path) -> None:
-            (staging / "probes").mkdir()
-            for r in results:
-                probes[r.layer].save(staging / r.probe_file)
-            for file, probe in others.items():
-                probe.save(staging / file)
-            write_outputs(staging, new, results, scored, families)
+            write_run(staging, new, results, probes, others, scored, families)
 
         stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
         written = run_folder.publish(run.parent / f"{run.name}-fit-{stamp}", write)

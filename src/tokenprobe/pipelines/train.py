@@ -179,12 +179,7 @@ def train(
 
     if run_dir is not None:
         def write(staging: Path) -> None:
-            (staging / "probes").mkdir()
-            for r in results:
-                probes[r.layer].save(staging / r.probe_file)
-            for file, probe in others.items():
-                probe.save(staging / file)
-            write_outputs(staging, record, results, scored, families)
+            write_run(staging, record, results, probes, others, scored, families)
             if keep:  # last: a failure before this leaves the checkpoint where a rerun finds it
                 finish_store(source, positions, tokens, layers, scored.baseline_scores, scored.info,
                              planned.checkpoint.ingredients)
@@ -458,6 +453,18 @@ def layer_results(config: RunConfig, subject: ProbeSubject, record: dict[str, An
                                    if save else None, metrics=metrics, l2=probe.fit_info.get("l2"),
                                    **scored.layer_fields(layer)))
     return results
+
+
+def write_run(staging: Path, record: dict[str, Any], results: list[LayerResult], probes: dict[int, Probe],
+              others: dict[str, Probe], scored: RunEvaluation, families: FamilyEvaluation | None) -> None:
+    """A trained run into its staging folder: every probe file (the primary family's by layer, the others by
+    file name), then its figures (write_outputs)."""
+    (staging / "probes").mkdir()
+    for r in results:
+        probes[r.layer].save(staging / r.probe_file)
+    for file, probe in others.items():
+        probe.save(staging / file)
+    write_outputs(staging, record, results, scored, families)
 
 
 def write_outputs(staging: Path, record: dict[str, Any], results: list[LayerResult], scored: RunEvaluation,
