@@ -10,6 +10,8 @@ TP_FAULT_OOM_ABOVE=N       fail with an out-of-memory error on any batch of more
 TP_FAULT_OOM_KIND=K        cuda (torch.OutOfMemoryError, the default) or cpu (the allocator's RuntimeError)
 TP_FAULT_CRASH=1           raise an unexpected ZeroDivisionError in the first batch
 TP_FAULT_NO_NETWORK=FILE   any internet connection or name lookup is written to FILE and fails
+TP_FAULT_RANK=R            under torchrun: the model faults above hit only the process of that RANK
+TP_FAULT_CRASH_AFTER=N     with TP_FAULT_CRASH: raise on the call after N good ones instead of the first
 """
 
 from __future__ import annotations
@@ -51,13 +53,16 @@ def _install_model_faults() -> None:
     oom_above = int(os.environ.get("TP_FAULT_OOM_ABOVE", "0") or 0)
     oom_kind = os.environ.get("TP_FAULT_OOM_KIND", "cuda")
     crash = os.environ.get("TP_FAULT_CRASH") == "1"
+    crash_after = int(os.environ.get("TP_FAULT_CRASH_AFTER", "0") or 0)
+    if os.environ.get("TP_FAULT_RANK", "") not in ("", os.environ.get("RANK", "0")):
+        return  # another rank's faults
     real_load_model = train_module.load_model
     calls = {"n": -1}
 
     def pre_hook(module, args, kwargs):
         calls["n"] += 1
         hidden = args[0] if args else kwargs["hidden_states"]
-        if crash:
+        if crash and calls["n"] >= crash_after:
             raise ZeroDivisionError("injected crash")
         if oom_above and hidden.shape[0] > oom_above:
             if oom_kind == "cpu":

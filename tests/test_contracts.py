@@ -177,7 +177,7 @@ def test_scorer_keys_and_best_layer():
 
 # ------------------------------------------------------------------------------------------ layout
 
-LAYERS = [{"errors", "files", "config", "vocabulary"}, {"device", "locks"}, {"data"}, {"models"}, {"extract"},
+LAYERS = [{"errors", "files", "config", "vocabulary"}, {"device", "locks", "distributed"}, {"data"}, {"models"}, {"extract"},
           {"probes"}, {"analysis"}, {"report"}, {"viz"}, {"pipelines"}, {"cli", "__main__", "tokenprobe"}]
 
 

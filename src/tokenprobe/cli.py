@@ -30,9 +30,38 @@ def _cmd_train(args: argparse.Namespace) -> int:
         _quiet_transformers()
 
     config = config_from_args(args)
-    result = train(config, out_dir=args.out, cache_dir=args.cache_dir, overwrite=args.overwrite,
-                   progress=not args.quiet)
+    from tokenprobe.distributed import world_from_env
+
+    world = world_from_env(config.device)  # several processes under torchrun / accelerate launch
+    try:
+        if world.distributed:
+            from tokenprobe.files import default_cache_dir
+
+            world.log_dir = (args.cache_dir or default_cache_dir()) / "logs" / world.run_id
+            if not world.main:
+                _output_to(world.log_dir / f"rank{world.rank}.log")
+        result = train(config, out_dir=args.out, cache_dir=args.cache_dir, overwrite=args.overwrite,
+                       progress=not args.quiet, world=world)
+    finally:
+        world.close()
+    if result is None:  # a rank other than 0: its share is in the store, rank 0 publishes
+        return 0
+    if world.log_dir is not None:
+        import shutil
+
+        shutil.rmtree(world.log_dir, ignore_errors=True)  # copied into the run (logs/)
     return _print_run(result)
+
+
+def _output_to(path: Path) -> None:
+    """This process's stdout and stderr (Python's and the libraries' own) into a log file, from now on."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o666)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
 
 
 def _print_run(result) -> int:
@@ -392,6 +421,9 @@ def main(argv: list[str] | None = None) -> int:
     _interrupt_on_sigterm()
     handler = _show_library_log(args.debug)
     try:
+        if args.func is not _cmd_train and os.environ.get("WORLD_SIZE", "1") not in ("", "0", "1"):
+            raise TokenprobeError(f"`tokenprobe {args.command}` runs in one process; only `train` splits its forward "
+                                  "pass over several: start it without torchrun (or unset WORLD_SIZE)")
         return args.func(args)
     except TokenprobeError as exc:
         if args.debug:
@@ -401,7 +433,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         if args.debug:
             traceback.print_exc()
-        print("tokenprobe: interrupted", file=sys.stderr)
+        distributed = os.environ.get("WORLD_SIZE", "1") not in ("", "0", "1")
+        print("tokenprobe: interrupted" + (" (the launcher stops every rank when one of them fails: its message "
+                                           "above names the rank)" if distributed else ""), file=sys.stderr)
         return 130
     except Exception as exc:  # a bug or an unforeseen failure: still one line unless --debug
         if args.debug:

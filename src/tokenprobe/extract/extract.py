@@ -28,6 +28,7 @@ from tokenprobe.errors import TokenprobeError
 from tokenprobe.extract.capture import LayerCapture
 from tokenprobe.extract.plan import RunPlan
 from tokenprobe.data.positions import PositionSet
+from tokenprobe.extract.peers import Peers
 from tokenprobe.extract.sinks import ActivationSink, CheckpointSink, MemorySink
 from tokenprobe.models.loading import LoadedModel
 
@@ -46,6 +47,7 @@ class ExtractionStats:
     tokens: int = 0  # run through the model by this call
     resumed_tokens: int = 0  # of the batches read back instead (not counted in `tokens` or its rate)
     seconds: float = 0.0
+    share_seconds: float = 0.0  # a distributed run's rank: its own batches, without waiting for the others
 
     @property
     def tokens_per_second(self) -> float:
@@ -75,6 +77,7 @@ def extract(
     sinks: list[ActivationSink],
     resume: CheckpointSink | None = None,
     progress: bool = True,
+    peers: Peers | None = None,
 ) -> ExtractionStats:
     """Runs every batch of `plan` once, up to its chunks' last sampled position, and writes the hidden
     states at the sampled positions (`positions`: the position within its chunk of each row) of
@@ -83,6 +86,10 @@ def extract(
     Batches `resume` already holds (an interrupted run's) are read back instead of recomputed and go
     to the other sinks. Out of memory on the first batch this call computes halves the batch size and
     retries (and says so); later, it is an error naming the size.
+
+    With `peers` (a distributed run) this rank runs only the batches its world owns, by batch number,
+    and never changes the batch size (every rank must cut the same batches); rank 0 then waits for the
+    other ranks' batches, its bar counting every rank's tokens.
     """
     layers = sorted(layers)
     stats = ExtractionStats()
@@ -97,6 +104,9 @@ def extract(
     with LayerCapture(loaded, layers) as capture, torch.inference_mode(), bar:
         while b < len(plan.chunks):
             batch = plan.batch(b, batch_size)
+            if peers is not None and not peers.world.owns(b // batch_size):
+                b += len(batch.chunks)  # another rank's
+                continue
             done = resume.read(batch, layers) if resume is not None else None
             if done is not None:
                 captured, nonfinite = done
@@ -117,7 +127,7 @@ def extract(
                     if not is_out_of_memory(exc):
                         raise
                     release_memory(device)
-                    if computed == 0 and batch_size > 1:
+                    if computed == 0 and batch_size > 1 and peers is None:
                         bar.clear()
                         log.warning(f"out of memory on the first batch at --batch-size {batch_size}; "
                                     f"retrying with --batch-size {batch_size // 2}")
@@ -127,7 +137,9 @@ def extract(
                     raise TokenprobeError(
                         f"out of memory at --batch-size {batch_size} (batch {stats.batches + 1}, "
                         f"{len(batch.chunks)} chunks of {context_length} tokens on {device}); "
-                        + (f"use --batch-size {batch_size // 2} or a smaller --context-length" if batch_size > 1 else
+                        + (f"use --batch-size {batch_size // 2} or a smaller --context-length" + (
+                            " (with several processes the batch size is not halved by itself: every rank must cut "
+                            "the same batches)" if peers is not None and computed == 0 else "") if batch_size > 1 else
                            "even one chunk does not fit: use a smaller --context-length or --dtype bfloat16")
                     ) from exc
                 computed += 1
@@ -149,6 +161,14 @@ def extract(
             bar.update(len(batch.chunks) * batch.length)
             if stats.bad_batches:
                 bar.set_postfix_str(f"{stats.bad_batches} bad batches skipped")
+            if peers is not None:
+                peers.batch_done(stats.batches)
+                if peers.world.main:
+                    bar.update(peers.landed())
+                peers.check()
+        stats.share_seconds = time.perf_counter() - started
+        if peers is not None and peers.world.main:
+            peers.final = peers.wait(bar.update)
     stats.seconds = time.perf_counter() - started
     stats.batch_size = batch_size
     release_memory(device)  # the forward pass's working memory, before probes and baselines need theirs

@@ -58,6 +58,11 @@ class RunPlan:
         return Batch(first, size, self.chunks[first : first + size], index, batch_rows,
                      int(self.lengths[first : first + size].max()))
 
+    def tokens_of(self, first: int, size: int) -> int:
+        """Tokens the batch of up to `size` chunks from the plan's `first` chunk runs."""
+        lengths = self.lengths[first : first + size]
+        return int(lengths.max()) * len(lengths) if len(lengths) else 0
+
     def tokens(self, size: int) -> int:
         """Tokens run at batch size `size`: each batch is as long as its longest chunk."""
         return int(sum(self.lengths[b] * len(self.lengths[b : b + size]) for b in range(0, len(self.lengths), size)))

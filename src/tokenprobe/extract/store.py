@@ -55,6 +55,24 @@ class KeepSink:
             self.keep[batch.index] = False
 
 
+def keep_of_shards(folder: Path, plan: RunPlan, batch_size: int, n_positions: int) -> np.ndarray:
+    """Which positions are usable, from the shards' own headers (a distributed run's rank 0, whose
+    KeepSink saw only its own batches): False where a batch had NaN/Inf. A missing shard is an error."""
+    keep = np.ones(n_positions, dtype=bool)
+    for first in range(0, len(plan.chunks), batch_size):
+        batch = plan.batch(first, batch_size)
+        path = Path(folder) / f"bs{batch_size}" / f"batch{first:06d}.safetensors"
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                nonfinite = json.loads((f.metadata() or {}).get("nonfinite", "[]"))
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise TokenprobeError(f"the activation store {folder} lacks a readable {path.name} ({exc}); run the same "
+                                  "command again to recompute it") from None
+        if nonfinite:
+            keep[batch.index] = False
+    return keep
+
+
 class StoreSource:
     """An :class:`~tokenprobe.extract.sinks.ActivationSource` over a store's shards: `layer(L)` reads
     layer L of every batch into one (positions, hidden) tensor, in the model's dtype, and keeps it

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import datetime
+import json
 import logging
+import os
 import platform
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -24,11 +27,14 @@ from tokenprobe.data.labels import ControlTask
 from tokenprobe.data.positions import PositionSet
 from tokenprobe.data.prepare import Prepared, prepare
 from tokenprobe.device import dtype_name
+from tokenprobe.distributed import World, device_for, world_from_env
 from tokenprobe.errors import TokenprobeError
 from tokenprobe.extract.extract import ExtractionStats, extract, extract_positions
 from tokenprobe.extract.plan import RunPlan
 from tokenprobe.extract.sinks import ActivationSource, CheckpointSink, MemorySink
-from tokenprobe.extract.store import DEFAULT_KEEP_BYTES, KeepSink, LayerViews, StoreSource, finish_store, move_store
+from tokenprobe.extract.peers import GRACE_S, STATUS_DIR, Peers, clear_statuses
+from tokenprobe.extract.store import (DEFAULT_KEEP_BYTES, KeepSink, LayerViews, StoreSource, finish_store,
+                                      keep_of_shards, move_store)
 from tokenprobe.files import default_cache_dir, json_safe, write_json
 from tokenprobe.models.loading import LoadedModel, load_model
 from tokenprobe.pipelines.run_dir import RUN_RECORD, RunDir, default_out_dir
@@ -110,35 +116,60 @@ def train(
     overwrite: bool = False,
     save: bool = True,
     progress: bool = True,
-) -> RunResult:
+    world: World | None = None,
+) -> RunResult | None:
     """Trains and evaluates one probe per requested layer from a single forward pass per batch.
 
     Pass `loaded` (from :func:`tokenprobe.load_model`) to reuse a model across calls. With
     ``save=True`` the probes and results go to `out_dir` (default ``runs/<sweep name>-<time>``),
     written to a staging folder first so an interrupted run leaves nothing half-written.
+
+    Launched as several processes (torchrun, ``accelerate launch``: `world`, by default read from the
+    environment) every rank runs its share of the forward pass's batches into the shared activation
+    store; rank 0 then fits, scores and publishes, and returns the result; the other ranks return None.
     """
     config = config or RunConfig()
     config.validate()
+    world = world if world is not None else world_from_env(config.device)
+    progress = progress and world.main  # the other ranks' logs hold their errors and warnings, not bars
     quiet = not progress
     cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
-    run_dir = RunDir(out_dir, overwrite) if save else None
+    run_dir = RunDir(out_dir, overwrite) if save and world.main else None
     timings: dict[str, float] = {}
     started = time.perf_counter()
+    if world.distributed:
+        say(f"Distributed: {world.size} processes ({world.backend}); rank r runs batches r, r+{world.size}, "
+            f"r+{2 * world.size}, ...; rank 0 fits, scores and publishes" + (f"; the other ranks log to {world.log_dir}" if world.log_dir else ""), quiet)
 
-    loaded = load_stage(config, loaded, cache_dir, progress, partial=True)
+    # Rank 0 first: it writes what the others then read from the cache (the model's ready copy, the chunks).
+    loaded = world.first_then_others(lambda: load_stage(config, loaded, cache_dir, progress, partial=True,
+                                                        device=device_for(world, config.device)))
     timings["load_model_s"] = time.perf_counter() - started
     layers = parse_layers(config.layers, loaded.num_layers)
 
     t = time.perf_counter()
-    prepared = prepare(config, loaded, cache_dir, progress, say=lambda m: say(m, quiet))
+    prepared = world.first_then_others(lambda: prepare(config, loaded, cache_dir, progress,
+                                                       say=lambda m: say(m, quiet)))
     timings["chunks_s"] = time.perf_counter() - t
     counts = prepared.positions.counts()
     say("Positions: " + "; ".join(f"{k} {v['positions']:,} ({v['positive']:,} positive) from {v['chunks']:,} chunks"
                                   for k, v in counts.items()), quiet)
     say(f"Layers {','.join(map(str, layers))}: one forward pass per batch, stopping after layer {max(layers)}", quiet)
 
-    planned = plan_stage(config, loaded, prepared, layers, cache_dir, timings, quiet)
-    source, stats = extract_stage(loaded, prepared, planned, progress, store=True)
+    planned = plan_stage(config, loaded, prepared, layers, cache_dir, timings, quiet, world)
+    peers = start_peers(world, planned, prepared) if world.distributed else None
+    source, stats = extract_stage(loaded, prepared, planned, progress, store=True, peers=peers)
+    distributed = None
+    if peers is not None:
+        if not world.main:
+            peers.finish(rank_record(world, stats))
+            say(f"rank {world.rank}: {stats.batches} batches ({stats.resumed_batches} resumed), {stats.tokens:,} tokens "
+                f"in {stats.seconds:.1f} s ({stats.tokens_per_second:,.0f} tokens/s); rank 0 fits and publishes")
+            return None
+        stats, distributed = merge_ranks(world, stats, peers.final)
+        # Rank 0 fits alone now: with every core of its node, as one process would (the same figures).
+        torch.set_num_threads(fit_threads())
+        distributed["fit_threads"] = torch.get_num_threads()
     timings["forward_s"] = stats.seconds
 
     positions = prepared.positions
@@ -169,6 +200,8 @@ def train(
         timings["families_scoring_s"] = time.perf_counter() - t
 
     record = record_stage(config, loaded, prepared, layers, stats, pos_weight, timings, scored)
+    if distributed is not None:
+        record["distributed"] = distributed
     keep = save and keep_store(config, source, quiet)
     record["activations"] = {"kept": keep, "bytes": source.nbytes(), "layers": source.layers,
                              "path": ACTIVATIONS if keep else None}
@@ -180,6 +213,10 @@ def train(
     if run_dir is not None:
         def write(staging: Path) -> None:
             write_run(staging, record, results, probes, others, scored, families)
+            if distributed is not None and world.log_dir is not None and Path(world.log_dir).is_dir():
+                shutil.copytree(world.log_dir, staging / "logs")  # the other ranks' logs
+            if peers is not None:
+                shutil.rmtree(planned.checkpoint.folder / STATUS_DIR, ignore_errors=True)
             if keep:  # last: a failure before this leaves the checkpoint where a rerun finds it
                 finish_store(source, positions, tokens, layers, scored.baseline_scores, scored.info,
                              planned.checkpoint.ingredients)
@@ -220,14 +257,14 @@ def _size(n: int) -> str:
 
 
 def load_stage(config: RunConfig, loaded: LoadedModel | None, cache_dir: Path, progress: bool,
-               partial: bool = False) -> LoadedModel:
+               partial: bool = False, device: str | None = None) -> LoadedModel:
     """The model (loaded here unless given) and its checks. With `partial` (train) only the blocks the run
     needs are loaded: up to its deepest probed layer, unless a baseline needs the last one (see
     blocks_needed); the layers are checked against the model's depth before any weight is read."""
     quiet = not progress
     if loaded is None:
         say(f"Loading model {config.model} ...", quiet)
-        loaded = load_model(config.model, config.dtype, config.device, cache_dir, progress=progress,
+        loaded = load_model(config.model, config.dtype, device or config.device, cache_dir, progress=progress,
                             blocks=blocks_needed(config) if partial else None, device_map=config.device_map,
                             load_in=config.load_in)
         if loaded.partial:
@@ -274,9 +311,10 @@ def _partial_reason(config: RunConfig, num_layers: int) -> str:
 
 
 def plan_stage(config: RunConfig, loaded: LoadedModel, prepared: Prepared, layers: list[int], cache_dir: Path,
-               timings: dict[str, float], quiet: bool) -> ExtractionPlan:
+               timings: dict[str, float], quiet: bool, world: World | None = None) -> ExtractionPlan:
     """The layers to extract, the baselines computed, the batch size (``auto`` probed here), and the resume
-    checkpoint."""
+    checkpoint. In a distributed run rank 0 decides the batch size and the others take it."""
+    world = world or World()
     # The model's own prediction (a baseline) needs the last layer's residual even when it is not probed.
     # The baselines predict the next token: for other tasks they would answer another question.
     asked = config.baseline_kinds()
@@ -297,46 +335,139 @@ def plan_stage(config: RunConfig, loaded: LoadedModel, prepared: Prepared, layer
             + ("" if "model" not in baselines else " and pass --baselines lens,stats"))
     positions = prepared.positions
     checkpoint = CheckpointSink.for_run(cache_dir, loaded, prepared.chunks, positions, extract_layers)
+    if world.broadcast(checkpoint.folder.name) != checkpoint.folder.name:
+        raise TokenprobeError(
+            f"rank {world.rank} would compute other activations than rank 0 (model, dtype, device type or data "
+            f"differ: {json.dumps(checkpoint.ingredients, sort_keys=True)[:300]}); give every rank the same model "
+            "files and --dtype")
     batch_size = config.batch_size
-    if batch_size == "auto" and checkpoint.resumable_batch_size():
-        batch_size = checkpoint.resumable_batch_size()  # what the interrupted run chose, so its batches count
-    if batch_size == "auto":
-        from tokenprobe.extract.batch_size import choose_batch_size
+    if world.main:
+        if batch_size == "auto" and checkpoint.resumable_batch_size():
+            batch_size = checkpoint.resumable_batch_size()  # what the interrupted run chose, so its batches count
+        if batch_size == "auto":
+            from tokenprobe.extract.batch_size import choose_batch_size
 
-        t = time.perf_counter()
-        batch_size, why = choose_batch_size(loaded, prepared.chunks, len(np.unique(positions.chunk)), extract_layers)
-        timings["batch_size_probe_s"] = time.perf_counter() - t
-        say(f"--batch-size auto: {batch_size} ({why})", quiet)
-    if checkpoint.completed(batch_size):
-        say(f"Resuming: {checkpoint.completed(batch_size)} batches were already extracted by an "
-            f"interrupted run ({checkpoint.folder})", quiet)
+            t = time.perf_counter()
+            batch_size, why = choose_batch_size(loaded, prepared.chunks, len(np.unique(positions.chunk)),
+                                                extract_layers)
+            timings["batch_size_probe_s"] = time.perf_counter() - t
+            say(f"--batch-size auto: {batch_size} ({why})", quiet)
+        if checkpoint.completed(batch_size):
+            say(f"Resuming: {checkpoint.completed(batch_size)} batches were already extracted by an "
+                f"interrupted run ({checkpoint.folder})", quiet)
+        if world.distributed:
+            clear_statuses(checkpoint.folder)  # an earlier run's ranks, before this run's write theirs
+    batch_size = world.broadcast(batch_size)
     return ExtractionPlan(layers=extract_layers, baselines=baselines, batch_size=batch_size,
                           checkpoint=checkpoint, baselines_skipped=skipped)
 
 
 def extract_stage(loaded: LoadedModel, prepared: Prepared, planned: ExtractionPlan, progress: bool,
-                  store: bool = False) -> tuple[MemorySink | StoreSource, ExtractionStats]:
+                  store: bool = False, peers: Peers | None = None) -> tuple[MemorySink | StoreSource, ExtractionStats]:
     """One forward pass per batch into the checkpoint (read back where a run was interrupted) and, unless
     `store`, into memory. With `store` the checkpoint's shards are the activation store and the source
-    reads them one layer at a time (train); without it every layer stays in memory (scan, eval)."""
+    reads them one layer at a time (train); without it every layer stays in memory (scan, eval).
+
+    With `peers` (a distributed run, `store` only) this rank runs its share; rank 0 waits for the others'
+    and its source reads the union. A rank that fails says so to the others (its status file) first."""
     positions = prepared.positions
+    plan = RunPlan.of(positions)
     try:
         if store:
             usable = KeepSink(len(positions))
-            stats = extract(loaded, prepared.chunks, RunPlan.of(positions), positions.position, planned.layers,
+            stats = extract(loaded, prepared.chunks, plan, positions.position, planned.layers,
                             planned.batch_size, [usable, planned.checkpoint], resume=planned.checkpoint,
-                            progress=progress)
-            source = StoreSource(planned.checkpoint.folder, RunPlan.of(positions), stats.batch_size, planned.layers,
-                                 len(positions), loaded.hidden_size, _stored_dtype(loaded.dtype), usable.keep)
+                            progress=progress, peers=peers)
+            keep = usable.keep
+            if peers is not None and peers.world.main:  # every rank's batches: from the shards' headers
+                keep = keep_of_shards(planned.checkpoint.folder, plan, stats.batch_size, len(positions))
+            source = StoreSource(planned.checkpoint.folder, plan, stats.batch_size, planned.layers,
+                                 len(positions), loaded.hidden_size, _stored_dtype(loaded.dtype), keep)
         else:
             source, stats = extract_positions(loaded, prepared.chunks, positions, planned.layers,
                                               planned.batch_size, planned.checkpoint, progress)
-    except TokenprobeError:
-        planned.checkpoint.remove()  # a rerun would only meet the same error
-        raise
+    except BaseException as exc:
+        if peers is None:
+            if isinstance(exc, TokenprobeError):
+                planned.checkpoint.remove()  # a rerun would only meet the same error
+            raise
+        replacement = _rank_failed(peers, exc)  # the others hear of it; the shared store stays for a rerun
+        if replacement is exc:
+            raise
+        raise replacement from None
     if stats.bad_batches:
         log.warning(f"skipped {stats.bad_batches} of {stats.batches} batches with NaN/Inf hidden states")
     return source, stats
+
+
+def start_peers(world: World, planned: ExtractionPlan, prepared: Prepared) -> Peers:
+    """This rank's status file and heartbeat in the shared store; once every rank has one, rank 0 checks it
+    sees them all (the store is where the ranks' activations meet)."""
+    log = Path(world.log_dir) / f"rank{world.rank}.log" if world.log_dir and not world.main else None
+    peers = Peers(planned.checkpoint.folder, world, RunPlan.of(prepared.positions), planned.batch_size, log).start()
+    world.barrier()
+    if world.main:
+        peers.check_visible()
+    return peers
+
+
+def _rank_failed(peers: Peers, exc: BaseException) -> BaseException:
+    """What a rank does when its share fails: tells the others through its status file; rank 0 turns a stop
+    caused by another rank (the launcher's SIGTERM after that rank died) into an error naming it. The
+    error (or exception) to raise is returned."""
+    if isinstance(exc, KeyboardInterrupt) and peers.world.main:
+        problem = peers.trouble()
+        peers.fail("stopped: " + (problem or "interrupted"))
+        if problem is not None:
+            return TokenprobeError(peers.stopped_because(problem))
+        return exc
+    if isinstance(exc, TokenprobeError):
+        message = str(exc)
+    elif isinstance(exc, KeyboardInterrupt):
+        message = "interrupted"
+    else:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        message = f"unexpected {type(exc).__name__}{': ' + first if first else ''}"
+    peers.fail(message)
+    if not peers.world.main and "failed:" not in message:
+        print(f"tokenprobe: error: {message}", file=sys.stderr, flush=True)  # in this rank's log, whatever follows
+        time.sleep(GRACE_S)  # so rank 0 names this rank before the launcher stops everyone
+    return exc
+
+
+def rank_record(world: World, stats: ExtractionStats) -> dict[str, Any]:
+    """What one rank's share did, for rank 0's run record."""
+    seconds = stats.share_seconds or stats.seconds
+    return {**stats.record(), "seconds": seconds, "threads": torch.get_num_threads(),
+            "tokens_per_second": stats.tokens / seconds if seconds else float("nan")}
+
+
+def merge_ranks(world: World, own: ExtractionStats, statuses: dict[int, dict[str, Any]]
+                ) -> tuple[ExtractionStats, dict[str, Any]]:
+    """Rank 0's extraction figures for the whole run (every rank's batches and tokens; the rate over rank 0's
+    wall time, from its first batch to the last rank's last), and the record's `distributed` block."""
+    total = ExtractionStats(batch_size=own.batch_size, seconds=own.seconds)
+    ranks = []
+    for rank in range(world.size):
+        status = statuses.get(rank, {})
+        share = rank_record(world, own) if rank == world.rank else status.get("extraction") or {}
+        for name in ("batches", "bad_batches", "resumed_batches", "tokens", "resumed_tokens"):
+            setattr(total, name, getattr(total, name) + int(share.get(name, 0)))
+        for layer, n in (share.get("bad_layers") or {}).items():
+            total.bad_layers[int(layer)] = total.bad_layers.get(int(layer), 0) + int(n)
+        ranks.append({"rank": rank, "host": status.get("host", platform.node()) if rank else platform.node(),
+                      **{k: share.get(k) for k in ("batches", "resumed_batches", "tokens", "seconds",
+                                                   "tokens_per_second", "threads")}})
+    total.bad_layers = dict(sorted(total.bad_layers.items()))
+    return total, {**world.record(), "ranks": ranks, "logs": "logs/" if world.log_dir else None}
+
+
+def fit_threads() -> int:
+    """Every core this process may use: what torch takes by default in one process (OpenMP's default)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
 
 
 def _stored_dtype(dtype: torch.dtype) -> torch.dtype:

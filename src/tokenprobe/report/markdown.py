@@ -162,6 +162,15 @@ def render_markdown(results: dict[str, Any], plot_name: str | None = PLOT, title
          "No intervals (run with --bootstrap 0)."),
         "",
     ]
+    shared = run.get("distributed")
+    if shared:  # the forward pass was split over processes (torchrun): how, and that it changes no figure
+        ranks = shared.get("ranks") or []
+        rate = (run.get("extraction") or {}).get("tokens_per_second")
+        lines += [f"The forward pass ran on {shared.get('world_size')} processes ({shared.get('backend')}), "
+                  f"{' + '.join(str(r.get('batches')) for r in ranks)} batches"
+                  + (f", {rate:,.0f} tokens/s in all" if isinstance(rate, (int, float)) else "")
+                  + "; rank 0 fitted and scored. Every figure is the one a single process gives "
+                  "(the same batches, read back in the same order).", ""]
     if plot_name:
         lines += [f"![probe and baselines per layer]({plot_name})", ""]
     if transfer:
