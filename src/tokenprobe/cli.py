@@ -32,16 +32,22 @@ def _cmd_train(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     from tokenprobe.distributed import world_from_env
 
-    world = world_from_env(config.device)  # several processes under torchrun / accelerate launch
+    world = world_from_env(config.device, config.device_map)  # several processes under torchrun / accelerate launch
     try:
         if world.distributed:
             from tokenprobe.files import default_cache_dir
 
             world.log_dir = (args.cache_dir or default_cache_dir()) / "logs" / world.run_id
             if not world.main:
-                _output_to(world.log_dir / f"rank{world.rank}.log")
+                _output_to(world.log_dir / f"rank{world.rank}.log", world.rank)
         result = train(config, out_dir=args.out, cache_dir=args.cache_dir, overwrite=args.overwrite,
                        progress=not args.quiet, world=world)
+    except KeyboardInterrupt:
+        if not (world.distributed and world.main):
+            raise
+        raise TokenprobeError(  # before or after the forward pass: the peers' status files do not say why
+            "stopped by the launcher, which ends every rank when one of them fails (or on Ctrl-C): the other ranks' "
+            f"logs are in {world.log_dir}") from None
     finally:
         world.close()
     if result is None:  # a rank other than 0: its share is in the store, rank 0 publishes
@@ -50,18 +56,39 @@ def _cmd_train(args: argparse.Namespace) -> int:
         import shutil
 
         shutil.rmtree(world.log_dir, ignore_errors=True)  # copied into the run (logs/)
+        try:
+            world.log_dir.parent.rmdir()  # <cache>/logs, when no other run's logs are there
+        except OSError:
+            pass
     return _print_run(result)
 
 
-def _output_to(path: Path) -> None:
-    """This process's stdout and stderr (Python's and the libraries' own) into a log file, from now on."""
+_CONSOLE: tuple[int, int] | None = None  # a rank whose output goes to a log: (its rank, the launcher's stderr)
+
+
+def _output_to(path: Path, rank: int) -> None:
+    """This process's stdout and stderr (Python's and the libraries' own) into a log file, from now on; its final
+    error line still goes to the launcher's console too (see main)."""
+    global _CONSOLE
     path.parent.mkdir(parents=True, exist_ok=True)
     sys.stdout.flush()
     sys.stderr.flush()
+    _CONSOLE = (rank, os.dup(2))
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o666)
     os.dup2(fd, 1)
     os.dup2(fd, 2)
     os.close(fd)
+
+
+def _error(line: str) -> None:
+    """The one error line: on stderr, and for a rank that logs to a file, on the launcher's console as well."""
+    print(line, file=sys.stderr, flush=True)
+    if _CONSOLE is not None:
+        rank, console = _CONSOLE
+        try:
+            os.write(console, f"{line.replace('tokenprobe:', f'tokenprobe (rank {rank}):', 1)}\n".encode())
+        except OSError:
+            pass
 
 
 def _print_run(result) -> int:
@@ -421,28 +448,27 @@ def main(argv: list[str] | None = None) -> int:
     _interrupt_on_sigterm()
     handler = _show_library_log(args.debug)
     try:
-        if args.func is not _cmd_train and os.environ.get("WORLD_SIZE", "1") not in ("", "0", "1"):
-            raise TokenprobeError(f"`tokenprobe {args.command}` runs in one process; only `train` splits its forward "
-                                  "pass over several: start it without torchrun (or unset WORLD_SIZE)")
+        if args.func is not _cmd_train:
+            from tokenprobe.distributed import refuse_distributed
+
+            refuse_distributed(f"`tokenprobe {args.command}`")
         return args.func(args)
     except TokenprobeError as exc:
         if args.debug:
             traceback.print_exc()
-        print(f"tokenprobe: error: {exc}", file=sys.stderr)
+        _error(f"tokenprobe: error: {exc}")
         return 2
     except KeyboardInterrupt:
         if args.debug:
             traceback.print_exc()
-        distributed = os.environ.get("WORLD_SIZE", "1") not in ("", "0", "1")
-        print("tokenprobe: interrupted" + (" (the launcher stops every rank when one of them fails: its message "
-                                           "above names the rank)" if distributed else ""), file=sys.stderr)
+        print("tokenprobe: interrupted", file=sys.stderr)
         return 130
     except Exception as exc:  # a bug or an unforeseen failure: still one line unless --debug
         if args.debug:
             raise
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        print(f"tokenprobe: error: unexpected {type(exc).__name__}{': ' + first if first else ''} "
-              "(rerun with --debug for the traceback, and please report it)", file=sys.stderr)
+        _error(f"tokenprobe: error: unexpected {type(exc).__name__}{': ' + first if first else ''} "
+               "(rerun with --debug for the traceback, and please report it)")
         return 1
     finally:
         logger = logging.getLogger("tokenprobe")

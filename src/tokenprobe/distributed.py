@@ -17,13 +17,10 @@ from __future__ import annotations
 import datetime
 import os
 import socket
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
-import torch
-
-from tokenprobe.device import resolve_device
 from tokenprobe.errors import TokenprobeError
 
 T = TypeVar("T")
@@ -33,6 +30,18 @@ T = TypeVar("T")
 GROUP_TIMEOUT_S = 3 * 3600
 RANK_TIMEOUT_ENV = "TOKENPROBE_RANK_TIMEOUT"  # seconds without a heartbeat before a rank counts as lost
 DEFAULT_RANK_TIMEOUT_S = 300.0
+
+
+def launched_processes() -> int:
+    """WORLD_SIZE as a launcher set it (1 when unset); reads the environment only (no torch)."""
+    return _env_int("WORLD_SIZE") or 1
+
+
+def refuse_distributed(what: str) -> None:
+    """Commands other than `train` run in one process: under a launcher each rank would do the whole job."""
+    if launched_processes() > 1:
+        raise TokenprobeError(f"{what} runs in one process; only `train` splits its forward pass over several: start it "
+                              "without torchrun (or unset WORLD_SIZE)")
 
 
 def rank_timeout() -> float:
@@ -57,8 +66,8 @@ class World:
     backend: str | None = None
     run_id: str = ""  # the same on every rank: names the log folder
     log_dir: Path | None = None  # where ranks other than 0 write their output (set by the CLI)
-    threads: int = field(default_factory=torch.get_num_threads)  # torch threads at start (1 under torchrun)
-    _control: Any = None  # the gloo group small messages go through
+    gpu: int | None = None  # the CUDA device this rank runs on (None: the CPU, or a --device-map)
+    _control: Any = None  # the gloo group small messages go through (None: the default group, itself gloo)
 
     @property
     def main(self) -> bool:
@@ -81,6 +90,16 @@ class World:
         box = [value if self.main else None]
         dist.broadcast_object_list(box, src=0, group=self._control)
         return box[0]
+
+    def gather(self, value: T) -> list[T]:
+        """Every rank's `value`, in rank order, on every rank."""
+        if not self.distributed:
+            return [value]
+        import torch.distributed as dist
+
+        values: list[Any] = [None] * self.size
+        dist.all_gather_object(values, value, group=self._control)
+        return values
 
     def barrier(self) -> None:
         if self.distributed:
@@ -120,44 +139,59 @@ def _env_int(name: str) -> int | None:
                               "which set it") from None
 
 
-def world_from_env(device: str = "auto") -> World:
-    """The world a launcher set up (WORLD_SIZE > 1: the process group is joined here), or one process."""
-    size = _env_int("WORLD_SIZE") or 1
+def world_from_env(device: str = "auto", device_map: Any = None) -> World:
+    """The world a launcher set up (WORLD_SIZE > 1: the process group is joined here), or one process.
+
+    On CUDA each rank takes LOCAL_RANK's GPU, or the one GPU it sees when the launcher gave each process its
+    own (CUDA_VISIBLE_DEVICES); with `device_map` the rank's model goes where the map puts it."""
+    size = launched_processes()
     if size <= 1:
         return World()
     rank, local_rank = _env_int("RANK"), _env_int("LOCAL_RANK")
     missing = [name for name, value in (("RANK", rank), ("MASTER_ADDR", os.environ.get("MASTER_ADDR")),
                                         ("MASTER_PORT", os.environ.get("MASTER_PORT"))) if value is None]
     if missing:
-        raise TokenprobeError(f"WORLD_SIZE is {size} but {', '.join(missing)} is not set; launch the processes with "
-                              "torchrun (or accelerate launch), or unset WORLD_SIZE for one process")
+        raise TokenprobeError(f"WORLD_SIZE is {size} but {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} "
+                              "not set; launch the processes with torchrun (or accelerate launch), or unset WORLD_SIZE "
+                              "for one process")
     rank_timeout()  # a bad TOKENPROBE_RANK_TIMEOUT is said now, not after the model has loaded
     local_rank = rank if local_rank is None else local_rank
     local_size = _env_int("LOCAL_WORLD_SIZE") or 1
+    import torch
     import torch.distributed as dist
+
+    from tokenprobe.device import resolve_device
 
     if not dist.is_available():
         raise TokenprobeError("this PyTorch build has no torch.distributed; run one process (unset WORLD_SIZE)")
     on_cuda = resolve_device(device).type == "cuda"
+    gpu = None
     if on_cuda:
-        if local_rank >= torch.cuda.device_count():
-            raise TokenprobeError(f"LOCAL_RANK {local_rank} has no GPU: this node has {torch.cuda.device_count()}; "
-                                  "start at most that many processes per node")
-        torch.cuda.set_device(local_rank)
+        if ":" in str(device):
+            raise TokenprobeError(f"--device {device} would put every rank on one GPU; use --device cuda (each rank "
+                                  "takes LOCAL_RANK's GPU) or --device-map")
+        count = torch.cuda.device_count()
+        gpu = local_rank if local_rank < count else 0 if count == 1 else None
+        if gpu is None and device_map is None:
+            raise TokenprobeError(f"LOCAL_RANK {local_rank} has no GPU: this node shows {count}; start at most that "
+                                  "many processes per node, or give each its own with CUDA_VISIBLE_DEVICES")
+        if device_map is None:
+            torch.cuda.set_device(gpu)
     backend = "nccl" if on_cuda else "gloo"
     timeout = datetime.timedelta(seconds=GROUP_TIMEOUT_S)
     if not dist.is_initialized():
         dist.init_process_group(backend, timeout=timeout)
-    control = dist.new_group(backend="gloo", timeout=timeout) if backend == "nccl" else None
+    else:
+        backend = str(dist.get_backend())  # the caller's group (an Accelerator's, say)
+    # Small messages go through gloo: its collectives take CPU objects and time out cleanly.
+    control = None if backend == "gloo" else dist.new_group(backend="gloo", timeout=timeout)
     world = World(size=size, rank=rank, local_rank=local_rank, local_size=local_size, backend=backend,
-                  _control=control)
+                  gpu=gpu if device_map is None else None, _control=control)
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     world.run_id = world.broadcast(f"{stamp}-{socket.gethostname()}-{os.getpid()}")
     return world
 
 
 def device_for(world: World, device: str) -> str:
-    """The device a rank runs on: ``cuda`` (or ``auto`` on a CUDA machine) means LOCAL_RANK's GPU."""
-    if world.distributed and resolve_device(device).type == "cuda" and ":" not in device:
-        return f"cuda:{world.local_rank}"
-    return device
+    """The device a rank runs on: ``cuda`` (or ``auto`` on a CUDA machine) means the rank's own GPU."""
+    return f"cuda:{world.gpu}" if world.distributed and world.gpu is not None else device

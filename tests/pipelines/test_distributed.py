@@ -43,9 +43,11 @@ def torchrun(n: int, args: list, faults: bool = False, timeout: float = 300, bac
     return subprocess.run(cmd, capture_output=True, text=True, env=environment, timeout=timeout)
 
 
-def one_process(args: list, **env: str) -> subprocess.CompletedProcess:
-    # Rank 0 of a distributed run fits with every core of its node, as one process does by default.
-    return run_cli(args, OMP_NUM_THREADS=str(len(os.sched_getaffinity(0))), **env)
+def one_process(args: list, faults: bool = False, **env: str) -> subprocess.CompletedProcess:
+    # Rank 0 of a distributed run fits with one thread per core of its node, as one process does by default.
+    from tokenprobe.pipelines.train import fit_threads
+
+    return run_cli(args, faults=faults, OMP_NUM_THREADS=str(fit_threads()), **env)
 
 
 def assert_same_run(a: Path, b: Path, resumed: bool = False) -> None:
@@ -92,7 +94,7 @@ def test_several_processes_give_the_one_process_run_bit_for_bit(world, tmp_path,
     shares = " + ".join(str(r["batches"]) for r in ranks)
     assert f"The forward pass ran on {world} processes (gloo), {shares} batches" in (out / "report.md").read_text()
     assert not (out / "activations" / "ranks").exists()
-    assert not list((tmp_path / "cache" / "logs").iterdir())  # moved into the run
+    assert not (tmp_path / "cache" / "logs").exists()  # moved into the run
 
 
 def test_two_nodes_through_torchruns_rendezvous(tmp_path, tiny_model_dirs, corpus_file, reference):
@@ -133,6 +135,24 @@ def test_accelerate_launch_runs_the_same(tmp_path, tiny_model_dirs, corpus_file,
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     assert_same_run(reference[0], out)
     assert json.loads((out / "run.json").read_text())["distributed"]["world_size"] == 2
+
+
+def test_bad_batches_are_judged_over_every_ranks_share(tmp_path, tiny_model_dirs, corpus_file):
+    """7 of rank 1's 11 batches NaN is 7 of the run's 23: skipped and counted, as one process does with the same
+    batches poisoned (plan batches 3, 5, ..., 15), not an error for the rank whose share is mostly bad. (A rank whose
+    first 4 batches are all bad stops the run early, as one process does when its first 4 are.)"""
+    one = tmp_path / "one"
+    proc = one_process(train_args(tiny_model_dirs["llama"], corpus_file, one, tmp_path / "cache-one"), faults=True,
+                       TP_FAULT_NAN_BATCHES="3,5,7,9,11,13,15")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    two = tmp_path / "two"
+    proc = torchrun(2, train_args(tiny_model_dirs["llama"], corpus_file, two, tmp_path / "cache-two"), faults=True,
+                    TP_FAULT_RANK="1", TP_FAULT_NAN_BATCHES="1,2,3,4,5,6,7")
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    assert "skipped 7 of 23 batches with NaN/Inf hidden states" in proc.stderr
+    record = json.loads((two / "run.json").read_text())
+    assert record["extraction"]["bad_batches"] == 7 and record["extraction"]["bad_layers"] == {"1": 7, "2": 7, "3": 7}
+    assert_same_run(one, two)
 
 
 def _wait_for(path_glob, root: Path, until: float, what: str) -> Path:
@@ -223,7 +243,7 @@ def test_batches_are_shared_by_number_each_exactly_once():
 def test_a_half_set_up_launch_is_a_clear_error(tmp_path, tiny_model_dirs, corpus_file):
     args = train_args(tiny_model_dirs["llama"], corpus_file, tmp_path / "run", tmp_path / "cache")
     proc = run_cli(args, WORLD_SIZE="2", RANK="0")
-    assert "WORLD_SIZE is 2 but MASTER_ADDR, MASTER_PORT is not set" in error_line(proc)
+    assert "WORLD_SIZE is 2 but MASTER_ADDR, MASTER_PORT are not set" in error_line(proc)
     proc = run_cli(["scan", "--model", tiny_model_dirs["llama"], "--corpus", corpus_file], WORLD_SIZE="2")
     assert "only `train` splits its forward pass" in error_line(proc)
     proc = run_cli(args, WORLD_SIZE="2", RANK="0", MASTER_ADDR="localhost", MASTER_PORT="1",

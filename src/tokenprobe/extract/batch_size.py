@@ -45,14 +45,16 @@ def _run(loaded: LoadedModel, capture: LayerCapture, input_ids: torch.Tensor) ->
     capture.run(loaded.model, input_ids, rows, cols)
 
 
-def choose_batch_size(loaded: LoadedModel, chunks: np.ndarray, wanted_chunks: int, layers: list[int]) -> tuple[int, str]:
-    """The batch size for `--batch-size auto`, and a line saying why."""
+def choose_batch_size(loaded: LoadedModel, chunks: np.ndarray, wanted_chunks: int, layers: list[int],
+                      processes: int = 1) -> tuple[int, str]:
+    """The batch size for `--batch-size auto`, and a line saying why. `wanted_chunks`: the chunks this process
+    runs (a distributed rank's share); `processes`: how many share this machine's memory."""
     context_length = chunks.shape[1]
     sample = torch.from_numpy(chunks[: min(len(chunks), CPU_MAX_BATCH)])
     with torch.inference_mode():
         if loaded.placement.input.type == "cuda":
             return _cuda_batch_size(loaded, sample, wanted_chunks, layers)
-        return _cpu_batch_size(loaded, sample, wanted_chunks, context_length)
+        return _cpu_batch_size(loaded, sample, wanted_chunks, context_length, processes)
 
 
 def _cuda_batch_size(loaded, sample, wanted_chunks, layers):
@@ -76,12 +78,12 @@ def _cuda_batch_size(loaded, sample, wanted_chunks, layers):
     return size, why
 
 
-def _cpu_batch_size(loaded, sample, wanted_chunks, context_length):
+def _cpu_batch_size(loaded, sample, wanted_chunks, context_length, processes=1):
     available = available_memory_bytes()
     per_chunk = _cpu_bytes_per_chunk(loaded, context_length)
     limit = min(CPU_MAX_BATCH, len(sample), max(1, wanted_chunks))
     if available is not None:
-        limit = max(1, min(limit, int(0.5 * available // per_chunk)))
+        limit = max(1, min(limit, int(0.5 * available / processes // per_chunk)))
     depth = min(PROBE_DEPTH, loaded.loaded_blocks)  # a model loaded in part has only its first blocks
     # Chunks the probe may run through `depth` blocks: a share of what the run itself computes.
     budget = PROBE_BUDGET * wanted_chunks * loaded.loaded_blocks / depth

@@ -100,6 +100,7 @@ def extract(
                disable=not progress, dynamic_ncols=True)
     started = time.perf_counter()
     computed = 0
+    stopped_early = False
     b = 0
     with LayerCapture(loaded, layers) as capture, torch.inference_mode(), bar:
         while b < len(plan.chunks):
@@ -135,7 +136,7 @@ def extract(
                         bar.total = plan.tokens(batch_size)
                         continue
                     raise TokenprobeError(
-                        f"out of memory at --batch-size {batch_size} (batch {stats.batches + 1}, "
+                        f"out of memory at --batch-size {batch_size} (batch {b // batch_size + 1}, "
                         f"{len(batch.chunks)} chunks of {context_length} tokens on {device}); "
                         + (f"use --batch-size {batch_size // 2} or a smaller --context-length" + (
                             " (with several processes the batch size is not halved by itself: every rank must cut "
@@ -153,6 +154,7 @@ def extract(
                 for layer in nonfinite:
                     stats.bad_layers[layer] = stats.bad_layers.get(layer, 0) + 1
                 if stats.batches >= 4 and stats.bad_batches == stats.batches:
+                    stopped_early = True
                     break  # every batch so far is bad: stop now rather than after the whole corpus
             if done is None:
                 stats.tokens += len(batch.chunks) * batch.length
@@ -167,18 +169,25 @@ def extract(
                     bar.update(peers.landed())
                 peers.check()
         stats.share_seconds = time.perf_counter() - started
-        if peers is not None and peers.world.main:
+        if peers is not None and peers.world.main and not stopped_early:
             peers.final = peers.wait(bar.update)
+            peers.stop()  # every batch is in: rank 0's heartbeat has nobody left to tell
     stats.seconds = time.perf_counter() - started
     stats.batch_size = batch_size
     release_memory(device)  # the forward pass's working memory, before probes and baselines need theirs
+    if peers is None or stopped_early:  # a distributed run's rank 0 checks every rank's batches together
+        check_bad_batches(stats, loaded.dtype)
+    return stats
+
+
+def check_bad_batches(stats: ExtractionStats, dtype: torch.dtype) -> None:
+    """Stops the run when most batches had NaN/Inf hidden states, naming the dtype to use."""
     if stats.bad_batches * 2 > stats.batches:
         first_bad = min(stats.bad_layers)
         raise TokenprobeError(
             f"{stats.bad_batches} of {stats.batches} batches had NaN/Inf hidden states "
-            f"(from layer {first_bad} on) in {dtype_name(loaded.dtype)}: {dtype_advice(loaded.dtype)}"
+            f"(from layer {first_bad} on) in {dtype_name(dtype)}: {dtype_advice(dtype)}"
         )
-    return stats
 
 
 def extract_positions(

@@ -31,10 +31,21 @@ from typing import Any
 from tokenprobe.distributed import World, rank_timeout
 from tokenprobe.errors import TokenprobeError
 from tokenprobe.extract.plan import RunPlan
+from tokenprobe.extract.sinks import shard_name
 from tokenprobe.files import write_json
 
 STATUS_DIR = "ranks"
 GRACE_S = 3.0  # a failing rank waits this long before exiting, so rank 0 names it before the launcher ends both
+MISSING_S = 10.0  # every rank done but a batch still absent this long: an error naming it, not a wait forever
+
+
+def node_id() -> str:
+    """This machine, told apart from others of the same host name (containers): host name and boot id."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        boot = ""
+    return f"{socket.gethostname()}/{boot}"
 
 
 def clear_statuses(folder: Path) -> None:
@@ -53,7 +64,8 @@ class Peers:
         self.world, self.plan, self.batch_size = world, plan, batch_size
         self.timeout = rank_timeout()
         self.interval = min(5.0, self.timeout / 4)
-        self.status: dict[str, Any] = {"rank": world.rank, "host": socket.gethostname(), "pid": os.getpid(),
+        self.status: dict[str, Any] = {"rank": world.rank, "host": socket.gethostname(), "node": node_id(),
+                                       "pid": os.getpid(),
                                        "log": str(log) if log else None, "status": "running", "batches": 0,
                                        "beats": 0}
         self._lock = threading.Lock()
@@ -95,18 +107,30 @@ class Peers:
         self.status["batches"] = batches  # written with the next heartbeat
 
     def finish(self, extraction: dict[str, Any]) -> None:
-        self._stop.set()
+        self.stop()
         self._write(status="done", extraction=extraction)
 
-    def fail(self, message: str) -> None:
-        self._stop.set()
+    def fail(self, message: str, resumable: bool = True, status: str = "failed") -> None:
+        """Says why this rank stops (`status` "stopped": it was told to, by the launcher or Ctrl-C, so another
+        rank's failure is likelier the cause); `resumable`: whether a rerun of the same command can help."""
+        self.stop()
         try:
-            self._write(status="failed", error=message)
+            self._write(status=status, error=message, resumable=resumable)
         except OSError:
             pass
 
     def stop(self) -> None:
+        """Ends the heartbeat (and waits for its last write): rank 0 once every batch is in, every rank at its end."""
         self._stop.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join()
+
+    def share_of(self, rank: int) -> dict[str, Any]:
+        """A rank's batches and tokens as the plan gives them (for a rank lost after its last batch)."""
+        firsts = range(0, len(self.plan.chunks), self.batch_size)
+        mine = [first for k, first in enumerate(firsts) if k % self.world.size == rank]
+        return {"batches": len(mine), "tokens": sum(self.plan.tokens_of(f, self.batch_size) for f in mine),
+                "lost": True}
 
     # ---------------------------------------------------------------------------- the others
 
@@ -130,32 +154,47 @@ class Peers:
 
     def trouble(self, statuses: dict[int, dict[str, Any]] | None = None) -> str | None:
         """What went wrong with another rank, in words, or None: a reported failure, a dead process on this
-        host, or a heartbeat that has not moved for the timeout."""
+        node, a heartbeat that has not moved for the timeout, or (last, as the likely consequence of one of
+        those) a rank that was stopped."""
         statuses = self.statuses() if statuses is None else statuses
         now = time.monotonic()
-        here = socket.gethostname()
+        here = node_id()
+        found: dict[str, str] = {}
         for rank, status in sorted(statuses.items()):
             if rank == self.world.rank:
                 continue
             where = f"rank {rank} (pid {status.get('pid')} on {status.get('host')})"
             log = f"; its log: {status['log']}" if status.get("log") else ""
-            if status.get("status") == "failed":
-                return f"{where} failed: {status.get('error')}{log}"
-            if status.get("status") != "running":
+            state = status.get("status")
+            if state in ("failed", "stopped"):
+                found.setdefault(state, f"{where} {'failed' if state == 'failed' else 'was stopped'}: "
+                                        f"{status.get('error')}{log}")
                 continue
-            if status.get("host") == here and not _alive(int(status.get("pid", 0))):
-                return f"{where} died before finishing its batches (killed, or out of memory?){log}"
+            if state != "running":
+                continue
+            if status.get("node") == here and not _alive(int(status.get("pid", 0))):
+                found.setdefault("dead", f"{where} died before finishing its batches (killed, or out of memory?){log}")
+                continue
             beats = int(status.get("beats", 0))
             if rank not in self._seen or self._seen[rank][0] != beats:
                 self._seen[rank] = (beats, now)
             elif now - self._seen[rank][1] > self.timeout:
-                return (f"{where} has not been heard from for {self.timeout:g} s (killed, out of memory, or hung? "
-                        f"TOKENPROBE_RANK_TIMEOUT sets how long to wait){log}")
+                found.setdefault("silent", f"{where} has not been heard from for {self.timeout:g} s (killed, out of "
+                                           f"memory, or its node lost? TOKENPROBE_RANK_TIMEOUT sets how long to wait){log}")
         if self.world.main:
             absent = [rank for rank in range(self.world.size) if rank != self.world.rank and rank not in statuses]
             if absent:
-                return f"rank {absent[0]}'s status file is gone from {self.folder / STATUS_DIR}"
+                found.setdefault("absent", f"rank {absent[0]}'s status file is gone from {self.folder / STATUS_DIR}")
+        for kind in ("failed", "dead", "silent", "absent", "stopped"):
+            if kind in found:
+                return found[kind]
         return None
+
+    def resumable(self, statuses: dict[int, dict[str, Any]] | None = None) -> bool:
+        """False when a rank failed with an error a rerun of the same command would meet again (its own advice
+        says what to change); True for deaths, silences, interruptions and unexpected errors."""
+        statuses = self.statuses() if statuses is None else statuses
+        return all(s.get("resumable", True) for r, s in statuses.items() if s.get("status") == "failed")
 
     def check(self, force: bool = False) -> None:
         """Between batches: stops this rank with an error when another has failed (at most once a second)."""
@@ -163,11 +202,14 @@ class Peers:
         if not force and now - self._last_check < 1.0:
             return
         self._last_check = now
-        problem = self.trouble()
+        statuses = self.statuses()
+        problem = self.trouble(statuses)
         if problem is not None:
-            raise TokenprobeError(self.stopped_because(problem))
+            raise TokenprobeError(self.stopped_because(problem, self.resumable(statuses)))
 
-    def stopped_because(self, problem: str) -> str:
+    def stopped_because(self, problem: str, resumable: bool = True) -> str:
+        if not resumable:
+            return problem
         return (f"{problem}; the batches finished so far are kept in {self.folder}: run the same command again "
                 "(with any number of processes) to resume")
 
@@ -180,12 +222,13 @@ class Peers:
             names = {entry.name for entry in os.scandir(folder)}
         except OSError:
             return 0
-        arrived = [first for first in self.pending if f"batch{first:06d}.safetensors" in names]
+        arrived = [first for first in self.pending if shard_name(first) in names]
         return sum(self.pending.pop(first) for first in arrived)
 
     def wait(self, on_tokens) -> dict[int, dict[str, Any]]:
         """Rank 0, after its own share: waits until every batch of the plan is on disk and every rank is done,
         calling `on_tokens(n)` as other ranks' batches land; returns every rank's final status."""
+        all_done_since = None
         while True:
             landed = self.landed()
             if landed:
@@ -200,7 +243,14 @@ class Peers:
                 failed = any(s.get("status") == "failed" for r, s in statuses.items() if r != self.world.rank)
                 if not self.pending and not failed:
                     return statuses  # every batch is here: a rank lost after its last one costs nothing
-                raise TokenprobeError(self.stopped_because(problem))
+                raise TokenprobeError(self.stopped_because(problem, self.resumable(statuses)))
+            if done:  # every rank says it is done, yet batches are missing (removed by hand, or an unreadable folder)
+                all_done_since = all_done_since or time.monotonic()
+                if time.monotonic() - all_done_since > MISSING_S:
+                    first = min(self.pending)
+                    raise TokenprobeError(self.stopped_because(
+                        f"every rank is done but {len(self.pending)} batches are missing from {self.folder} (the "
+                        f"first: {shard_name(first)})"))
             time.sleep(0.2 if done else 0.5)
 
 

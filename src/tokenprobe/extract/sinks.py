@@ -89,6 +89,15 @@ def _array_digest(*arrays: np.ndarray) -> str:
     return digest.hexdigest()
 
 
+def shard_name(first: int) -> str:
+    """The file of the batch whose first chunk is the plan's `first`, in its batch size's folder."""
+    return f"batch{first:06d}.safetensors"
+
+
+def shard_path(folder: Path, batch_size: int, first: int) -> Path:
+    return Path(folder) / f"bs{batch_size}" / shard_name(first)
+
+
 class CheckpointSink:
     """The shards of one extraction; `folder` is keyed by what decides the activations. A sink, and on a
     rerun the place finished batches are read back from."""
@@ -115,7 +124,7 @@ class CheckpointSink:
         return cls(Path(cache_dir) / "extraction" / key[:24], ingredients)
 
     def _shard(self, batch_size: int, batch: int) -> Path:
-        return self.folder / f"bs{batch_size}" / f"batch{batch:06d}.safetensors"
+        return shard_path(self.folder, batch_size, batch)
 
     def completed(self, batch_size: int) -> int:
         folder = self.folder / f"bs{batch_size}"

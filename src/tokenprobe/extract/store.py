@@ -35,7 +35,7 @@ from safetensors.torch import save
 
 from tokenprobe.errors import TokenprobeError
 from tokenprobe.extract.plan import Batch, RunPlan
-from tokenprobe.extract.sinks import CheckpointSink, _tensor_checksum
+from tokenprobe.extract.sinks import CheckpointSink, _tensor_checksum, shard_path
 from tokenprobe.files import atomic_write_bytes, json_safe, write_json
 
 STORE_RECORD = "store.json"
@@ -61,7 +61,7 @@ def keep_of_shards(folder: Path, plan: RunPlan, batch_size: int, n_positions: in
     keep = np.ones(n_positions, dtype=bool)
     for first in range(0, len(plan.chunks), batch_size):
         batch = plan.batch(first, batch_size)
-        path = Path(folder) / f"bs{batch_size}" / f"batch{first:06d}.safetensors"
+        path = shard_path(folder, batch_size, first)
         try:
             with safe_open(str(path), framework="pt") as f:
                 nonfinite = json.loads((f.metadata() or {}).get("nonfinite", "[]"))
@@ -92,7 +92,7 @@ class StoreSource:
             yield self.plan.batch(first, self.batch_size)
 
     def shard(self, batch: Batch) -> Path:
-        return self.folder / f"bs{self.batch_size}" / f"batch{batch.first:06d}.safetensors"
+        return shard_path(self.folder, self.batch_size, batch.first)
 
     def layer(self, layer: int) -> torch.Tensor:
         if self._last is not None and self._last[0] == layer:

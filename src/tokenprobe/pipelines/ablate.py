@@ -45,6 +45,7 @@ from tqdm.auto import tqdm
 from tokenprobe.config import RunConfig, parse_layers
 from tokenprobe.data.labels import make_labeler, parse_task
 from tokenprobe.data.prepare import prepare_chunks
+from tokenprobe.distributed import refuse_distributed
 from tokenprobe.errors import TokenprobeError
 from tokenprobe.extract.capture import LayerCapture
 from tokenprobe.files import default_cache_dir, json_safe, write_json
@@ -371,6 +372,7 @@ def ablate(run_dir: str | Path, options: AblateOptions | None = None, *, loaded:
            progress: bool = True) -> AblationResult:
     """The causal check of a run's probes (see the module); writes ablation.json, ablation.png and a
     report.md section into the run folder."""
+    refuse_distributed("`ablate`")
     options = options or AblateOptions()
     options.validate()
     run_dir = Path(run_dir)

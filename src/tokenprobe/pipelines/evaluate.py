@@ -25,6 +25,7 @@ from tokenprobe.analysis.scoring import score_run
 from tokenprobe.config import DEFAULT_CORPUS, RunConfig, slug
 from tokenprobe.data.corpus import SUPPORTED
 from tokenprobe.data.prepare import prepare
+from tokenprobe.distributed import refuse_distributed
 from tokenprobe.errors import TokenprobeError
 from tokenprobe.files import default_cache_dir, json_safe
 from tokenprobe.models.loading import LoadedModel
@@ -201,6 +202,7 @@ def evaluate_run(
     """Evaluates a run's saved probes (every layer, every family; or the probe files given, of one run)
     on another corpus, fitting nothing; see the module. With ``save=True`` the eval goes to `out_dir`
     (default ``runs/eval-<run folder>-on-<corpus>-<time>``)."""
+    refuse_distributed("`eval`")
     source = read_source([sources] if isinstance(sources, (str, Path)) else list(sources))
     config = eval_config(source, corpus, text_field, corpus_config, corpus_split, max_tokens, bootstrap, device)
     if out_dir is not None and Path(out_dir).resolve() == source.path.resolve():

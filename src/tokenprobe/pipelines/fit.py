@@ -26,6 +26,7 @@ from tokenprobe.analysis.scoring import score_run
 from tokenprobe.config import BASELINE_KINDS, RunConfig, parse_layers, sweep_name
 from tokenprobe.data.positions import PositionSet
 from tokenprobe.device import resolve_device
+from tokenprobe.distributed import refuse_distributed
 from tokenprobe.errors import TokenprobeError
 from tokenprobe.extract.store import STORE_RECORD, StoredRun, open_store
 from tokenprobe.pipelines.run_dir import RUN_RECORD, RunDir
@@ -104,6 +105,7 @@ def fit_run(run_dir: str | Path, options: dict[str, Any] | None = None, *, out_d
     """Refits and rescores `run_dir`'s probes from its activation store with `options` (a subset of
     FIT_OPTIONS, as RunConfig fields) changed, into `out_dir` (default: beside the run, named
     ``<run>-fit-<time>``)."""
+    refuse_distributed("`fit`")
     quiet = not progress
     started = time.perf_counter()
     run = Path(run_dir)

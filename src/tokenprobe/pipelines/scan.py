@@ -34,6 +34,7 @@ from tokenprobe.data.prepare import Prepared, prepare_chunks
 from tokenprobe.data.scan import (ScanPositions, TargetPositions, future_tokens, read_targets_file, resolve_scan_targets,
                                   sample_scan_positions, top_tokens)
 from tokenprobe.device import dtype_name
+from tokenprobe.distributed import refuse_distributed
 from tokenprobe.errors import TokenprobeError
 from tokenprobe.extract.sinks import ActivationSource
 from tokenprobe.files import default_cache_dir, write_json
@@ -131,6 +132,7 @@ def scan_name(config: RunConfig, options: ScanOptions, model_name: str, count: i
 
 def check_scan_config(config: RunConfig, options: ScanOptions) -> None:
     """Errors that need no model, found before it loads."""
+    refuse_distributed("`scan`")
     config.validate()
     options.validate()
     parse_task(config.task)  # span labels are not a scan's business: a token task only

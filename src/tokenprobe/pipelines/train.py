@@ -29,7 +29,7 @@ from tokenprobe.data.prepare import Prepared, prepare
 from tokenprobe.device import dtype_name
 from tokenprobe.distributed import World, device_for, world_from_env
 from tokenprobe.errors import TokenprobeError
-from tokenprobe.extract.extract import ExtractionStats, extract, extract_positions
+from tokenprobe.extract.extract import ExtractionStats, check_bad_batches, extract, extract_positions
 from tokenprobe.extract.plan import RunPlan
 from tokenprobe.extract.sinks import ActivationSource, CheckpointSink, MemorySink
 from tokenprobe.extract.peers import GRACE_S, STATUS_DIR, Peers, clear_statuses
@@ -130,7 +130,11 @@ def train(
     """
     config = config or RunConfig()
     config.validate()
-    world = world if world is not None else world_from_env(config.device)
+    world = world if world is not None else world_from_env(config.device, config.device_map)
+    if world.distributed and loaded is not None and world.gpu is not None and loaded.placement.input != \
+            torch.device("cuda", world.gpu):
+        raise TokenprobeError(f"rank {world.rank}'s model is on {loaded.placement.input}, not on its GPU cuda:{world.gpu}: "
+                              f"load it with device=f\"cuda:{{LOCAL_RANK}}\" under a launcher, or let train load it")
     progress = progress and world.main  # the other ranks' logs hold their errors and warnings, not bars
     quiet = not progress
     cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
@@ -166,7 +170,10 @@ def train(
             say(f"rank {world.rank}: {stats.batches} batches ({stats.resumed_batches} resumed), {stats.tokens:,} tokens "
                 f"in {stats.seconds:.1f} s ({stats.tokens_per_second:,.0f} tokens/s); rank 0 fits and publishes")
             return None
-        stats, distributed = merge_ranks(world, stats, peers.final)
+        stats, distributed = merge_ranks(world, stats, peers)
+        check_bad_batches(stats, loaded.dtype)  # most batches bad, across every rank's share
+        if stats.bad_batches:
+            log.warning(f"skipped {stats.bad_batches} of {stats.batches} batches with NaN/Inf hidden states")
         # Rank 0 fits alone now: with every core of its node, as one process would (the same figures).
         torch.set_num_threads(fit_threads())
         distributed["fit_threads"] = torch.get_num_threads()
@@ -215,8 +222,8 @@ def train(
             write_run(staging, record, results, probes, others, scored, families)
             if distributed is not None and world.log_dir is not None and Path(world.log_dir).is_dir():
                 shutil.copytree(world.log_dir, staging / "logs")  # the other ranks' logs
-            if peers is not None:
-                shutil.rmtree(planned.checkpoint.folder / STATUS_DIR, ignore_errors=True)
+            # The ranks' status files (this run's, or an interrupted distributed run's a plain rerun finished)
+            shutil.rmtree(planned.checkpoint.folder / STATUS_DIR, ignore_errors=True)
             if keep:  # last: a failure before this leaves the checkpoint where a rerun finds it
                 finish_store(source, positions, tokens, layers, scored.baseline_scores, scored.info,
                              planned.checkpoint.ingredients)
@@ -335,11 +342,14 @@ def plan_stage(config: RunConfig, loaded: LoadedModel, prepared: Prepared, layer
             + ("" if "model" not in baselines else " and pass --baselines lens,stats"))
     positions = prepared.positions
     checkpoint = CheckpointSink.for_run(cache_dir, loaded, prepared.chunks, positions, extract_layers)
-    if world.broadcast(checkpoint.folder.name) != checkpoint.folder.name:
+    keys = world.gather(checkpoint.folder.name)
+    if any(key != keys[0] for key in keys):  # every rank raises, so none waits for another
+        differ = [rank for rank, key in enumerate(keys) if key != keys[0]]
         raise TokenprobeError(
-            f"rank {world.rank} would compute other activations than rank 0 (model, dtype, device type or data "
-            f"differ: {json.dumps(checkpoint.ingredients, sort_keys=True)[:300]}); give every rank the same model "
-            "files and --dtype")
+            f"rank{'s' if len(differ) > 1 else ''} {', '.join(map(str, differ))} would compute other activations than "
+            f"rank 0 (the model's weights or tokenizer, the dtype, the device type or the data differ; this rank's: "
+            f"{json.dumps({k: v for k, v in checkpoint.ingredients.items() if k != 'layers'}, sort_keys=True)[:300]}); "
+            "give every rank the same model files, corpus and --dtype")
     batch_size = config.batch_size
     if world.main:
         if batch_size == "auto" and checkpoint.resumable_batch_size():
@@ -348,8 +358,10 @@ def plan_stage(config: RunConfig, loaded: LoadedModel, prepared: Prepared, layer
             from tokenprobe.extract.batch_size import choose_batch_size
 
             t = time.perf_counter()
-            batch_size, why = choose_batch_size(loaded, prepared.chunks, len(np.unique(positions.chunk)),
-                                                extract_layers)
+            # A rank runs its share of the chunks, beside the other ranks of its node.
+            share = -(-len(np.unique(positions.chunk)) // world.size)
+            batch_size, why = choose_batch_size(loaded, prepared.chunks, share, extract_layers,
+                                                processes=world.local_size)
             timings["batch_size_probe_s"] = time.perf_counter() - t
             say(f"--batch-size auto: {batch_size} ({why})", quiet)
         if checkpoint.completed(batch_size):
@@ -395,7 +407,7 @@ def extract_stage(loaded: LoadedModel, prepared: Prepared, planned: ExtractionPl
         if replacement is exc:
             raise
         raise replacement from None
-    if stats.bad_batches:
+    if stats.bad_batches and peers is None:  # a distributed run's rank 0 says it for every rank (train)
         log.warning(f"skipped {stats.bad_batches} of {stats.batches} batches with NaN/Inf hidden states")
     return source, stats
 
@@ -415,20 +427,21 @@ def _rank_failed(peers: Peers, exc: BaseException) -> BaseException:
     """What a rank does when its share fails: tells the others through its status file; rank 0 turns a stop
     caused by another rank (the launcher's SIGTERM after that rank died) into an error naming it. The
     error (or exception) to raise is returned."""
-    if isinstance(exc, KeyboardInterrupt) and peers.world.main:
-        problem = peers.trouble()
-        peers.fail("stopped: " + (problem or "interrupted"))
-        if problem is not None:
-            return TokenprobeError(peers.stopped_because(problem))
+    if isinstance(exc, KeyboardInterrupt):  # Ctrl-C, or the launcher stopping this rank after another failed
+        statuses = peers.statuses()
+        problem = peers.trouble(statuses)
+        peers.fail("interrupted", status="stopped")
+        if peers.world.main and problem is not None:
+            return TokenprobeError(peers.stopped_because(problem, peers.resumable(statuses)))
         return exc
     if isinstance(exc, TokenprobeError):
         message = str(exc)
-    elif isinstance(exc, KeyboardInterrupt):
-        message = "interrupted"
     else:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         message = f"unexpected {type(exc).__name__}{': ' + first if first else ''}"
-    peers.fail(message)
+    # A rank's own error (out of memory, NaN, another rank's failure it stops for) would meet a rerun again, or
+    # is already told; an unexpected one may not.
+    peers.fail(message, resumable=not isinstance(exc, TokenprobeError))
     if not peers.world.main and "failed:" not in message:
         print(f"tokenprobe: error: {message}", file=sys.stderr, flush=True)  # in this rank's log, whatever follows
         time.sleep(GRACE_S)  # so rank 0 names this rank before the launcher stops everyone
@@ -442,15 +455,15 @@ def rank_record(world: World, stats: ExtractionStats) -> dict[str, Any]:
             "tokens_per_second": stats.tokens / seconds if seconds else float("nan")}
 
 
-def merge_ranks(world: World, own: ExtractionStats, statuses: dict[int, dict[str, Any]]
-                ) -> tuple[ExtractionStats, dict[str, Any]]:
+def merge_ranks(world: World, own: ExtractionStats, peers: Peers) -> tuple[ExtractionStats, dict[str, Any]]:
     """Rank 0's extraction figures for the whole run (every rank's batches and tokens; the rate over rank 0's
-    wall time, from its first batch to the last rank's last), and the record's `distributed` block."""
+    wall time, from its first batch to the last rank's last), and the record's `distributed` block. A rank lost
+    after its last batch (no figures of its own) is counted from the plan: its batches and their tokens."""
     total = ExtractionStats(batch_size=own.batch_size, seconds=own.seconds)
     ranks = []
     for rank in range(world.size):
-        status = statuses.get(rank, {})
-        share = rank_record(world, own) if rank == world.rank else status.get("extraction") or {}
+        status = peers.final.get(rank, {})
+        share = rank_record(world, own) if rank == world.rank else status.get("extraction") or peers.share_of(rank)
         for name in ("batches", "bad_batches", "resumed_batches", "tokens", "resumed_tokens"):
             setattr(total, name, getattr(total, name) + int(share.get(name, 0)))
         for layer, n in (share.get("bad_layers") or {}).items():
@@ -463,11 +476,20 @@ def merge_ranks(world: World, own: ExtractionStats, statuses: dict[int, dict[str
 
 
 def fit_threads() -> int:
-    """Every core this process may use: what torch takes by default in one process (OpenMP's default)."""
+    """One thread per physical core this process may use, as torch takes by default in one process (two
+    hyperthreads of a core count once); every CPU it may use where the topology cannot be read."""
     try:
-        return len(os.sched_getaffinity(0))
+        cpus = sorted(os.sched_getaffinity(0))
     except AttributeError:
         return os.cpu_count() or 1
+    cores = set()
+    for cpu in cpus:
+        try:
+            siblings = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology/thread_siblings_list").read_text().strip()
+        except OSError:
+            return len(cpus)
+        cores.add(siblings)
+    return max(1, len(cores))
 
 
 def _stored_dtype(dtype: torch.dtype) -> torch.dtype:
