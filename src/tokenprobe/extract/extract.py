@@ -104,10 +104,10 @@ def extract(
     b = 0
     with LayerCapture(loaded, layers) as capture, torch.inference_mode(), bar:
         while b < len(plan.chunks):
-            batch = plan.batch(b, batch_size)
             if peers is not None and not peers.world.owns(b // batch_size):
-                b += len(batch.chunks)  # another rank's
+                b += batch_size  # another rank's (never cut: under peers the batch size does not change)
                 continue
+            batch = plan.batch(b, batch_size)
             done = resume.read(batch, layers) if resume is not None else None
             if done is not None:
                 captured, nonfinite = done
